@@ -8,9 +8,13 @@ On one GPU, in well under 90 s on an H100:
 2. SM ids: a Triton kernel stores %smid of every program launched on a stream. On every split the
    two sides' SM sets must be disjoint and no larger than the side's SM count.
 3. Correctness: a bf16 matmul on every side's stream equals the same matmul on the whole GPU.
-4. Scaling: a compute-bound bf16 matmul (--size, random data) alone on each side of every split;
-   time x SMs must lie within 15% of the median over all sides. Each side runs as many matmuls
-   as make about --target-ms, so both sides of a split run equally long when run together.
+4. Scaling: a compute-bound kernel alone on each side of every split; time x SMs must lie within
+   15% of the median over all sides. Each side runs as many launches as make about --target-ms,
+   so both sides of a split run equally long when run together. Two kernels: `fma`, a Triton
+   kernel of dependent fp32 FMAs in registers (no memory traffic; it gates the checks), and
+   `matmul`, a bf16 cuBLAS matmul (--size, random data), reported beside it: tensor-core work
+   on the whole chip runs into the power limit and lower clocks, so its time x SMs grows with
+   the SM count and two busy sides slow each other though they share no SM.
 5. Disjoint by timing: both sides at once, each launched from its own worker thread (which calls
    table.bind_thread()); each must stay within 1.2x of its time alone.
 6. Controls over SHARED SMs, which must take about 2x: two streams on the whole GPU (checked:
@@ -78,14 +82,49 @@ def sm_ids(stream: torch.cuda.Stream, programs: int, device: int) -> set[int]:
 
 # -- timing ------------------------------------------------------------------------------------
 
-def matmul_loop(stream, a, b, out, iters: int, barrier: threading.Barrier | None = None) -> float:
-    """In a worker thread: `iters` matmuls on `stream`, synchronised; wall ms per matmul."""
+FMA_PROGRAMS = 65536  # enough programs that wave quantisation on any side costs under ~3%
+FMA_BLOCK = 256
+
+
+@triton.jit
+def _fma_kernel(out_ptr, iters, BLOCK: tl.constexpr):
+    """Two dependent fp32 FMA chains per element in registers: pure SM arithmetic, no memory traffic."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = offs.to(tl.float32) * 1e-6
+    y = x + 1.0
+    for _ in range(iters):
+        x = x * 0.999 + y
+        y = y * 0.999 - x
+    tl.store(out_ptr + offs, x + y)
+
+
+class Workload:
+    """One compute-bound launch on the current stream, writing into output slot `slot`."""
+
+    def __init__(self, kind: str, size: int, device: int) -> None:
+        self.kind = kind
+        if kind == "matmul":
+            self.a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+            self.b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+            self.outs = [torch.empty_like(self.a) for _ in range(2)]
+        else:
+            self.outs = [torch.empty(FMA_PROGRAMS * FMA_BLOCK, device=device) for _ in range(2)]
+
+    def launch(self, slot: int) -> None:
+        if self.kind == "matmul":
+            torch.mm(self.a, self.b, out=self.outs[slot])
+        else:
+            _fma_kernel[(FMA_PROGRAMS,)](self.outs[slot], 2048, BLOCK=FMA_BLOCK, num_warps=4)
+
+
+def launch_loop(stream, work: Workload, slot: int, iters: int, barrier: threading.Barrier | None = None) -> float:
+    """In a worker thread: `iters` launches on `stream`, synchronised; wall ms per launch."""
     with torch.cuda.stream(stream):
         if barrier is not None:
             barrier.wait()
         start = time.perf_counter()
         for _ in range(iters):
-            torch.mm(a, b, out=out)
+            work.launch(slot)
         stream.synchronize()
     return (time.perf_counter() - start) * 1e3 / iters
 
@@ -93,11 +132,9 @@ def matmul_loop(stream, a, b, out, iters: int, barrier: threading.Barrier | None
 class Timer:
     """Two long-lived worker threads, one per side (their cuBLAS handles and workspaces persist)."""
 
-    def __init__(self, table: SplitTable, size: int, target_ms: float, reps: int) -> None:
+    def __init__(self, table: SplitTable, work: Workload, target_ms: float, reps: int) -> None:
         device = table.device
-        self.a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-        self.b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-        self.outs = [torch.empty_like(self.a) for _ in range(2)]
+        self.work = work
         torch.cuda.synchronize(device)
         self.workers = [ThreadPoolExecutor(1, thread_name_prefix=f"side{i}", initializer=table.bind_thread)
                         for i in range(2)]
@@ -105,11 +142,11 @@ class Timer:
         self.ms_whole = 0.0
 
     def _submit(self, slot: int, stream, iters: int, barrier: threading.Barrier | None = None):
-        return self.workers[slot].submit(matmul_loop, stream, self.a, self.b, self.outs[slot], iters, barrier)
+        return self.workers[slot].submit(launch_loop, stream, self.work, slot, iters, barrier)
 
     def calibrate(self, whole) -> None:
-        """ms per matmul on the whole GPU, which sizes every later run to about target_ms."""
-        self._submit(0, whole, 1).result()  # cuBLAS set-up
+        """ms per launch on the whole GPU, which sizes every later run to about target_ms."""
+        self._submit(0, whole, 1).result()  # cuBLAS set-up / Triton compile
         self.ms_whole = self._submit(0, whole, 3).result()
         self.ms_whole = self.alone(0, whole, self.total_sms)
 
@@ -144,21 +181,36 @@ def table_cost(device: int) -> dict:
     return cost
 
 
-def split_checks(table: SplitTable, timer: Timer, device: int) -> list[dict]:
+def split_identity(table: SplitTable, device: int) -> list[dict]:
+    """Per split: the SM ids each side ran on, and a matmul on each side equal to the whole GPU's."""
     programs = 256 * table.total_sms
     x = torch.randn(1024, 1024, device=device, dtype=torch.bfloat16)
     reference = x @ x
     rows = []
     for split in table:
-        sides = [(split.prefill_stream, split.prefill_sms), (split.decode_stream, split.decode_sms)]
-        ids = [sm_ids(stream, programs, device) for stream, _ in sides]
+        streams = [split.prefill_stream, split.decode_stream]
+        ids = [sm_ids(stream, programs, device) for stream in streams]
         correct = []
-        for stream, _ in sides:
+        for stream in streams:
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 y = x @ x
             stream.synchronize()
             correct.append(bool(torch.allclose(y, reference, rtol=1.6e-2, atol=1e-5)))
+        rows.append({
+            "prefill_sms": split.prefill_sms, "decode_sms": split.decode_sms,
+            "sm_ids": [len(ids[0]), len(ids[1])], "sm_ids_shared": len(ids[0] & ids[1]),
+            "sm_ids_ok": not ids[0] & ids[1] and len(ids[0]) <= split.prefill_sms and len(ids[1]) <= split.decode_sms,
+            "correct": all(correct),
+        })
+    return rows
+
+
+def split_timings(table: SplitTable, timer: Timer) -> list[dict]:
+    """Per split: each side alone and both together, with the timer's workload."""
+    rows = []
+    for split in table:
+        sides = [(split.prefill_stream, split.prefill_sms), (split.decode_stream, split.decode_sms)]
         alone = [timer.alone(i, stream, sms) for i, (stream, sms) in enumerate(sides)]
         together = timer.together([s for s, _ in sides], (split.prefill_sms, split.decode_sms))
         rows.append({
@@ -167,11 +219,8 @@ def split_checks(table: SplitTable, timer: Timer, device: int) -> list[dict]:
             "alone_ms": alone, "together_ms": list(together),
             "ms_x_sms": [alone[i] * sides[i][1] for i in range(2)],
             "together_over_alone": [together[i] / alone[i] for i in range(2)],
-            "sm_ids": [len(ids[0]), len(ids[1])], "sm_ids_shared": len(ids[0] & ids[1]),
-            "sm_ids_ok": not ids[0] & ids[1] and len(ids[0]) <= split.prefill_sms and len(ids[1]) <= split.decode_sms,
-            "correct": all(correct),
         })
-        print(f"  split {split.prefill_sms:>3}/{split.decode_sms:<3} done", flush=True)
+    print(f"  {timer.work.kind}: {len(rows)} splits timed", flush=True)
     return rows
 
 
@@ -197,24 +246,45 @@ def torch_green_control(timer: Timer, device: int) -> dict:
     return shared_pair(timer, streams, half, device)
 
 
-def summarize(rows: list[dict], whole_control: dict) -> dict:
+def scaling_stats(rows: list[dict]) -> dict:
     products = [p for r in rows for p in r["ms_x_sms"]]
     median = statistics.median(products)
-    spread = max(abs(p / median - 1) for p in products)
-    worst = max(x for r in rows for x in r["together_over_alone"])
+    return {"median_ms_x_sms": median, "max_spread": max(abs(p / median - 1) for p in products),
+            "worst_together_over_alone": max(x for r in rows for x in r["together_over_alone"])}
+
+
+def summarize(identity: list[dict], gating: list[dict], whole_control: dict) -> dict:
+    stats = scaling_stats(gating)
     shared = min(whole_control["together_over_alone"])
     return {
-        "scaling": {"median_ms_x_sms": median, "max_spread": spread, "limit": SCALING_TOLERANCE,
-                    "passed": spread <= SCALING_TOLERANCE},
-        "disjoint_timing": {"worst_together_over_alone": worst, "limit": DISJOINT_LIMIT,
-                            "passed": worst <= DISJOINT_LIMIT},
-        "disjoint_sm_ids": {"passed": all(r["sm_ids_ok"] for r in rows)},
-        "correctness": {"passed": all(r["correct"] for r in rows)},
+        "scaling": {"median_ms_x_sms": stats["median_ms_x_sms"], "max_spread": stats["max_spread"],
+                    "limit": SCALING_TOLERANCE, "passed": stats["max_spread"] <= SCALING_TOLERANCE},
+        "disjoint_timing": {"worst_together_over_alone": stats["worst_together_over_alone"],
+                            "limit": DISJOINT_LIMIT, "passed": stats["worst_together_over_alone"] <= DISJOINT_LIMIT},
+        "disjoint_sm_ids": {"passed": all(r["sm_ids_ok"] for r in identity)},
+        "correctness": {"passed": all(r["correct"] for r in identity)},
         "shared_control": {"min_together_over_alone": shared, "limit": SHARED_MIN, "passed": shared >= SHARED_MIN},
     }
 
 
 # -- report ------------------------------------------------------------------------------------
+
+def timing_table(kind: str, rows: list[dict], whole_ms: float) -> list[str]:
+    stats = scaling_stats(rows)
+    lines = [
+        "", f"### {kind} ({'gates the checks' if kind == 'fma' else 'reported'}): whole GPU {whole_ms:.3f} ms/launch; "
+        f"time x SMs median {stats['median_ms_x_sms']:.1f}, max spread {stats['max_spread']:.1%}; "
+        f"worst together/alone {stats['worst_together_over_alone']:.2f}", "",
+        "| prefill SMs | decode SMs | P ms | D ms | P ms x SMs | D ms x SMs | P together/alone | D together/alone |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['prefill_sms']} | {r['decode_sms']} | {r['alone_ms'][0]:.3f} | {r['alone_ms'][1]:.3f} "
+            f"| {r['ms_x_sms'][0]:.1f} | {r['ms_x_sms'][1]:.1f} | {r['together_over_alone'][0]:.2f} "
+            f"| {r['together_over_alone'][1]:.2f} |")
+    return lines
+
 
 def markdown(result: dict) -> str:
     dev, cost, checks = result["device"], result["table"], result["checks"]
@@ -223,23 +293,21 @@ def markdown(result: dict) -> str:
         "",
         f"driver {dev['driver_version']}, CUDA {dev['cuda_version']}, torch {result['versions']['torch']}, "
         f"cuda-bindings {result['versions']['cuda_bindings']}; granularity: min partition "
-        f"{result['granularity']['min_partition']} SMs, alignment {result['granularity']['alignment']}",
-        f"matmul {result['size']}^3 bf16; whole GPU {result['whole_ms']:.3f} ms/matmul; runtime {result['runtime_s']:.1f} s",
+        f"{result['granularity']['min_partition']} SMs, alignment {result['granularity']['alignment']}; "
+        f"runtime {result['runtime_s']:.1f} s",
         f"table: {cost['splits']} splits created in {cost['creation_s'] * 1e3:.1f} ms, "
         f"{cost['memory_bytes'] / 2**20:.1f} MiB device memory, {cost['not_returned_after_close_bytes'] / 2**20:.1f} MiB "
         "not returned after close()",
         "",
-        "| prefill SMs | decode SMs | P ms/matmul | D ms/matmul | P ms x SMs | D ms x SMs "
-        "| P together/alone | D together/alone | SM ids P / D / shared | correct |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| prefill SMs | decode SMs | SM ids P / D / shared | matmul on each side correct |",
+        "|---|---|---|---|",
     ]
-    for r in result["splits"]:
-        lines.append(
-            f"| {r['prefill_sms']} | {r['decode_sms']} | {r['alone_ms'][0]:.3f} | {r['alone_ms'][1]:.3f} "
-            f"| {r['ms_x_sms'][0]:.1f} | {r['ms_x_sms'][1]:.1f} | {r['together_over_alone'][0]:.2f} "
-            f"| {r['together_over_alone'][1]:.2f} | {r['sm_ids'][0]} / {r['sm_ids'][1]} / {r['sm_ids_shared']} "
-            f"| {'yes' if r['correct'] else 'NO'} |")
-    lines += ["", "Controls (same SMs shared; expected about 2x together):", ""]
+    for r in result["identity"]:
+        lines.append(f"| {r['prefill_sms']} | {r['decode_sms']} | {r['sm_ids'][0]} / {r['sm_ids'][1]} / "
+                     f"{r['sm_ids_shared']} | {'yes' if r['correct'] else 'NO'} |")
+    for kind, timing in result["timings"].items():
+        lines += timing_table(kind, timing["splits"], timing["whole_ms"])
+    lines += ["", "Controls (fma on the same SMs shared; expected about 2x together):", ""]
     for name, c in result["controls"].items():
         if "skipped" in c:
             lines.append(f"- {name}: skipped ({c['skipped']})")
@@ -279,23 +347,29 @@ def main() -> int:
         print(f"green contexts unavailable: {e}", file=sys.stderr)
         return 1
     print(f"{dev.name}: {len(table)} splits {table.split_sms}, granularity {table.granularity}", flush=True)
-    timer = Timer(table, args.size, args.target_ms, args.reps)
+    timers = {kind: Timer(table, Workload(kind, args.size, args.device), args.target_ms, args.reps)
+              for kind in ("fma", "matmul")}
     try:
-        timer.calibrate(table.whole)
-        rows = split_checks(table, timer, args.device)
+        identity = split_identity(table, args.device)
+        timings = {}
+        for kind, timer in timers.items():
+            timer.calibrate(table.whole)
+            timings[kind] = {"whole_ms": timer.ms_whole, "splits": split_timings(table, timer)}
+        fma = timers["fma"]
         controls = {
             "two streams on the whole GPU": shared_pair(
-                timer, [table.whole, torch.cuda.Stream(args.device)], table.total_sms, args.device),
-            "torch.cuda.green_contexts, two contexts of half the SMs": torch_green_control(timer, args.device),
+                fma, [table.whole, torch.cuda.Stream(args.device)], table.total_sms, args.device),
+            "torch.cuda.green_contexts, two contexts of half the SMs": torch_green_control(fma, args.device),
         }
     finally:
-        timer.close()
+        for timer in timers.values():
+            timer.close()
         table.close()
-    checks = summarize(rows, controls["two streams on the whole GPU"])
+    checks = summarize(identity, timings["fma"]["splits"], controls["two streams on the whole GPU"])
     result = {
         "device": dev.to_dict(), "versions": software_versions(), "granularity": table.granularity.to_dict(),
-        "size": args.size, "target_ms": args.target_ms, "reps": args.reps, "whole_ms": timer.ms_whole,
-        "table": cost, "splits": rows, "controls": controls, "checks": checks,
+        "size": args.size, "target_ms": args.target_ms, "reps": args.reps,
+        "table": cost, "identity": identity, "timings": timings, "controls": controls, "checks": checks,
         "passed": all(c["passed"] for c in checks.values()), "runtime_s": time.perf_counter() - started,
     }
     text = markdown(result)

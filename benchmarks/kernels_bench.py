@@ -1,0 +1,324 @@
+"""Time the engine's Triton kernels on the GPU, after checking them against fp32 PyTorch.
+
+  python benchmarks/kernels_bench.py --out "$OUT"     (about a minute on an H100; exit 2 = a check failed)
+
+Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token pages):
+- decode: 64 x 2048 KV and 8 x 32768 KV; our paged kernel (automatic and swept KV splits, eager
+  and CUDA-graph replay) against torch SDPA on the same KV stored contiguously, and against the
+  HBM floor (KV bytes / measured device-to-device copy bandwidth);
+- prefill: one 2048-token chunk without prefix and over a 6144-token prefix; several tile
+  configurations of our kernel against SDPA's flash backend, in TFLOP/s (causal FLOPs only);
+- rms_norm (+residual), apply_rope and store_kv against their PyTorch equivalents, timed as
+  CUDA-graph replays because at decode sizes a launch costs more than the work.
+Every kernel is first compared with an fp32 PyTorch reference on the same inputs (relative L2
+error). Times are medians of triton.testing.do_bench. Writes kernels_bench.json and .md to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Run as a plain script from the repository root: make `engine` importable without installing.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+SCALE = HEAD_DIM ** -0.5
+REL_TOL = 2e-2  # bf16 inputs and outputs against an fp32 reference
+
+
+def _time(fn, graph: bool = False) -> float:
+    """Median milliseconds; `graph` replays fn from a CUDA graph (no launch overhead)."""
+    from triton.testing import do_bench, do_bench_cudagraph
+    if graph:
+        return do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the read and the write."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _time(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def paged_kv(batch: int, ctx: int, gen: torch.Generator):
+    """Caches holding `batch` sequences of `ctx` tokens on shuffled pages, and their block tables."""
+    blocks = batch * ctx // PAGE
+    k_cache = torch.randn(blocks, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    v_cache = torch.randn(blocks, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    tables = torch.randperm(blocks, device="cuda", generator=gen).view(batch, ctx // PAGE).to(torch.int32)
+    return k_cache, v_cache, tables
+
+
+def contiguous_kv(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, L, D]: the sequences' KV gathered out of the pages."""
+    batch, blocks = tables.shape
+    return cache[tables.long()].view(batch, blocks * PAGE, KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+
+
+def ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """fp32 reference. q [B, Hq, n, D] (the last n positions), k/v [B, Hkv, L, D]; bottom-right causal."""
+    n, L = q.shape[2], k.shape[2]
+    group = Q_HEADS // KV_HEADS
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = q.float() @ k.transpose(-1, -2) * SCALE
+    mask = torch.arange(L, device=q.device)[None, :] > torch.arange(L - n, L, device=q.device)[:, None]
+    return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+
+
+def sdpa_decode(q, k, v):
+    """SDPA on contiguous KV: native GQA where this torch has it, else K/V expanded beforehand."""
+    try:
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return (lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)), "native GQA"
+    except (TypeError, RuntimeError):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return (lambda: F.scaled_dot_product_attention(q, k, v)), "K/V expanded"
+
+
+def bench_decode(batch: int, ctx: int, bandwidth: float, gen: torch.Generator) -> dict:
+    from engine.kernels import decode_attention, num_kv_splits
+    k_cache, v_cache, tables = paged_kv(batch, ctx, gen)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    k, v = contiguous_kv(k_cache, tables), contiguous_kv(v_cache, tables)
+    ref = ref_attention(q[:, :, None], k, v)[:, :, 0]
+    run = lambda splits=None: decode_attention(q, k_cache, v_cache, tables, seq_lens, SCALE, num_splits=splits)
+    auto = num_kv_splits(batch, KV_HEADS, ctx, torch.cuda.get_device_properties(0).multi_processor_count)
+    sweep = {s: _time(lambda s=s: run(s)) for s in sorted({1, 2, 4, 8, 16, 32, auto})}
+    best = min(sweep, key=sweep.get)
+    sdpa, sdpa_mode = sdpa_decode(q[:, :, None], k, v)
+    sdpa_out, ms_sdpa = sdpa(), _time(sdpa)
+    kv_bytes = 2 * k.numel() * k.element_size()
+    ms = sweep[auto]
+    return {
+        "case": f"decode {batch} x {ctx}", "rel_err": _rel_err(run(), ref),
+        "sdpa_rel_err": _rel_err(sdpa_out[:, :, 0], ref), "sdpa_mode": sdpa_mode,
+        "auto_splits": auto, "ms": ms, "ms_graph": _time(run, graph=True), "split_sweep_ms": sweep,
+        "best_splits": best, "ms_best": sweep[best], "ms_sdpa": ms_sdpa,
+        "ms_hbm_floor": kv_bytes / bandwidth * 1e3, "achieved_tb_s": kv_bytes / (ms * 1e-3) / 1e12,
+    }
+
+
+def causal_flops(q_len: int, prefix: int) -> float:
+    """QK^T and PV over the visible (query, key) pairs: 4 * D FLOPs per pair per head."""
+    pairs = q_len * prefix + q_len * (q_len + 1) / 2
+    return 4.0 * HEAD_DIM * Q_HEADS * pairs
+
+
+def sdpa_flash_prefill(q, k, v, prefix: int):
+    """SDPA's flash backend on [1, H, L, D] tensors (K/V expanded to the query heads beforehand),
+    bottom-right causal when there is a prefix."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+    group = Q_HEADS // KV_HEADS
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    mask_kw = {"is_causal": True} if prefix == 0 else {"attn_mask": causal_lower_right(q.shape[2], k.shape[2])}
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, **mask_kw)
+    return run
+
+
+def bench_prefill(q_len: int, prefix: int, configs, gen: torch.Generator) -> dict:
+    from engine.kernels import prefill_attention
+    ctx = prefix + q_len
+    k_cache, v_cache, tables = paged_kv(1, ctx, gen)
+    q = torch.randn(q_len, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    cu = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
+    seq_lens = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+    k, v = contiguous_kv(k_cache, tables), contiguous_kv(v_cache, tables)
+    q4 = q.transpose(0, 1)[None].contiguous()
+    ref = ref_attention(q4, k, v)[0].transpose(0, 1)
+    flops = causal_flops(q_len, prefix)
+    result = {"case": f"prefill {q_len} over {prefix}", "configs": []}
+    for cfg in configs:
+        run = lambda cfg=cfg: prefill_attention(q, k_cache, v_cache, cu, seq_lens, tables, SCALE, q_len, config=cfg)
+        try:
+            err = _rel_err(run(), ref)
+            ms = _time(run)
+        except Exception as exc:  # a tile shape this GPU/triton cannot fit is a result, not a crash
+            result["configs"].append({"config": asdict(cfg), "error": repr(exc)[:200]})
+            continue
+        result["configs"].append({"config": asdict(cfg), "rel_err": err, "ms": ms, "tflops": flops / ms / 1e9})
+    ok = [c for c in result["configs"] if "ms" in c]
+    result["best"] = min(ok, key=lambda c: c["ms"]) if ok else None
+    try:
+        sdpa = sdpa_flash_prefill(q4, k, v, prefix)
+        sdpa_out = sdpa()
+        ms_sdpa = _time(sdpa)
+        result.update(sdpa_rel_err=_rel_err(sdpa_out[0].transpose(0, 1), ref), ms_sdpa=ms_sdpa,
+                      sdpa_tflops=flops / ms_sdpa / 1e9)
+    except RuntimeError as exc:
+        result["sdpa_error"] = repr(exc)[:200]
+    return result
+
+
+def torch_rms_norm(x, weight, eps, residual):
+    """HF LlamaRMSNorm after the residual add, eager."""
+    h = x + residual
+    hf = h.float()
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), h
+
+
+def bench_rms_norm(rows: int, hidden: int, gen: torch.Generator) -> dict:
+    from engine.kernels import rms_norm
+    x, res = (torch.randn(rows, hidden, device="cuda", dtype=DTYPE, generator=gen) for _ in range(2))
+    w = torch.randn(hidden, device="cuda", dtype=DTYPE, generator=gen)
+    hf = (x.float() + res.float())
+    ref = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+    ms = _time(lambda: rms_norm(x, w, 1e-5, res), graph=True)
+    return {"case": f"rms_norm+residual {rows} x {hidden}", "rel_err": _rel_err(rms_norm(x, w, 1e-5, res)[0], ref),
+            "ms": ms, "ms_torch": _time(lambda: torch_rms_norm(x, w, 1e-5, res), graph=True),
+            "gb_s": 4 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9}
+
+
+def torch_rope(q, k, positions, cos_sin):
+    """HF rotate-half RoPE, eager, out of place."""
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)
+    cos, sin = torch.cat([cos, cos], -1)[:, None].to(q.dtype), torch.cat([sin, sin], -1)[:, None].to(q.dtype)
+
+    def rot(x):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+    return rot(q), rot(k)
+
+
+def bench_rope(tokens: int, gen: torch.Generator) -> dict:
+    from engine.kernels import apply_rope
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda", dtype=torch.float32) / HEAD_DIM)
+    freqs = torch.arange(8192, device="cuda", dtype=torch.float32)[:, None] * inv_freq
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
+    positions = torch.randint(0, 8192, (tokens,), device="cuda", generator=gen)
+    q = torch.randn(tokens, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    k = torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    ref_q, _ = torch_rope(q.float(), k.float(), positions, cos_sin)
+    out_q, _ = apply_rope(q.clone(), k.clone(), positions, cos_sin)
+    return {"case": f"apply_rope {tokens} tokens", "rel_err": _rel_err(out_q, ref_q),
+            "ms": _time(lambda: apply_rope(q, k, positions, cos_sin), graph=True),
+            "ms_torch": _time(lambda: torch_rope(q, k, positions, cos_sin), graph=True)}
+
+
+def bench_store_kv(tokens: int, gen: torch.Generator) -> dict:
+    from engine.kernels import store_kv
+    k_cache = torch.zeros(4096, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v_cache = torch.zeros_like(k_cache)
+    k, v = (torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen) for _ in range(2))
+    slots = torch.randperm(k_cache.shape[0] * PAGE, device="cuda", generator=gen)[:tokens]
+    store_kv(k, v, k_cache, v_cache, slots)
+    err = _rel_err(k_cache.view(-1, KV_HEADS, HEAD_DIM)[slots], k)
+
+    def torch_store():  # what engine/attention.py's reference path does
+        k_cache.view(-1, KV_HEADS, HEAD_DIM).index_copy_(0, slots, k)
+        v_cache.view(-1, KV_HEADS, HEAD_DIM).index_copy_(0, slots, v)
+    return {"case": f"store_kv {tokens} tokens", "rel_err": err,
+            "ms": _time(lambda: store_kv(k, v, k_cache, v_cache, slots), graph=True),
+            "ms_torch": _time(torch_store, graph=True)}
+
+
+def to_markdown(res: dict) -> str:
+    lines = [f"# Kernel benchmark on {res['device']}", "",
+             f"torch {res['torch']}, triton {res['triton']}; copy bandwidth {res['copy_tb_s']:.2f} TB/s; "
+             f"times are medians in ms; rel_err = L2 error against fp32 PyTorch.", "",
+             "## Decode attention (Llama-3.1-8B heads, bf16, 16-token pages)", "",
+             "| case | rel_err | splits (auto/best) | ms | ms graph | ms best split | SDPA ms | HBM floor ms | TB/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for d in res["decode"]:
+        lines.append(f"| {d['case']} | {d['rel_err']:.1e} | {d['auto_splits']}/{d['best_splits']} | {d['ms']:.3f} | "
+                     f"{d['ms_graph']:.3f} | {d['ms_best']:.3f} | {d['ms_sdpa']:.3f} ({d['sdpa_mode']}) | "
+                     f"{d['ms_hbm_floor']:.3f} | {d['achieved_tb_s']:.2f} |")
+    lines += ["", "Split sweep (ms): " + "; ".join(
+        f"{d['case']}: " + ", ".join(f"{s}={ms:.3f}" for s, ms in d["split_sweep_ms"].items()) for d in res["decode"]),
+        "", "## Prefill attention (one sequence, causal)", "",
+        "| case | config (BM, BN, warps, stages) | rel_err | ms | TFLOP/s |", "|---|---|---|---|---|"]
+    for p in res["prefill"]:
+        for c in p["configs"]:
+            cfg = tuple(c["config"].values())
+            if "error" in c:
+                lines.append(f"| {p['case']} | {cfg} | failed: {c['error']} | | |")
+            else:
+                lines.append(f"| {p['case']} | {cfg} | {c['rel_err']:.1e} | {c['ms']:.3f} | {c['tflops']:.0f} |")
+        if "ms_sdpa" in p:
+            lines.append(f"| {p['case']} | SDPA flash | {p['sdpa_rel_err']:.1e} | {p['ms_sdpa']:.3f} | {p['sdpa_tflops']:.0f} |")
+        else:
+            lines.append(f"| {p['case']} | SDPA flash | failed: {p.get('sdpa_error')} | | |")
+    lines += ["", "## Small kernels (CUDA-graph replay)", "", "| case | rel_err | ms | torch ms |", "|---|---|---|---|"]
+    for s in res["small"]:
+        lines.append(f"| {s['case']} | {s['rel_err']:.1e} | {s['ms']:.4f} | {s['ms_torch']:.4f} |")
+    lines += ["", f"All rel_err below {REL_TOL}: {res['all_correct']}"]
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"Triton kernels on {res['device']}")
+    for col in ("case", "rel_err", "ours ms", "baseline ms", "note"):
+        table.add_column(col)
+    for d in res["decode"]:
+        table.add_row(d["case"], f"{d['rel_err']:.1e}", f"{d['ms']:.3f}", f"{d['ms_sdpa']:.3f} SDPA",
+                      f"floor {d['ms_hbm_floor']:.3f}, {d['achieved_tb_s']:.2f} TB/s, best splits {d['best_splits']}")
+    for p in res["prefill"]:
+        b = p["best"]
+        if b is None:
+            table.add_row(p["case"], "-", "-", "-", "every config failed")
+            continue
+        table.add_row(p["case"], f"{b['rel_err']:.1e}", f"{b['ms']:.3f}", f"{p.get('ms_sdpa', float('nan')):.3f} SDPA",
+                      f"{b['tflops']:.0f} vs {p.get('sdpa_tflops', float('nan')):.0f} TFLOP/s, best {tuple(b['config'].values())}")
+    for s in res["small"]:
+        table.add_row(s["case"], f"{s['rel_err']:.1e}", f"{s['ms']:.4f}", f"{s['ms_torch']:.4f} torch", "graph replay")
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for the JSON and markdown")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels_bench needs a CUDA GPU; the kernels' CPU checks are in tests/test_kernels.py")
+        return 1
+    import triton
+    from engine.kernels import PrefillConfig
+    from engine.kernels.prefill_attention import default_config
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bandwidth = copy_bandwidth()
+    configs = [default_config(HEAD_DIM, DTYPE), PrefillConfig(128, 128, 8, 2),
+               PrefillConfig(64, 64, 4, 3), PrefillConfig(128, 32, 8, 3)]
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "copy_tb_s": bandwidth / 1e12,
+           "decode": [bench_decode(64, 2048, bandwidth, gen), bench_decode(8, 32768, bandwidth, gen)],
+           "prefill": [bench_prefill(2048, 0, configs, gen), bench_prefill(2048, 6144, configs, gen)],
+           "small": [bench_rms_norm(2048, 4096, gen), bench_rms_norm(64, 4096, gen), bench_rope(2048, gen),
+                     bench_rope(64, gen), bench_store_kv(2048, gen), bench_store_kv(64, gen)]}
+    errors = [d["rel_err"] for d in res["decode"] + res["small"]]
+    errors += [c["rel_err"] for p in res["prefill"] for c in p["configs"] if "rel_err" in c]
+    default_ran = all("rel_err" in p["configs"][0] for p in res["prefill"])  # configs[0] is the default
+    res["all_correct"] = default_ran and max(errors) < REL_TOL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels_bench.json").write_text(json.dumps(res, indent=2, default=str))
+    (out / "kernels_bench.md").write_text(to_markdown(res))
+    print_summary(res)
+    print(f"wrote {out / 'kernels_bench.json'} and {out / 'kernels_bench.md'}")
+    return 0 if res["all_correct"] else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Paged decode attention, flash-decoding style: one query token per sequence.
+
+Kernel 1 runs one program per (sequence, KV head, KV split): it loads the query heads of that
+KV head together (GQA grouping, so K/V are read once per KV head), attends to its split of the
+sequence's KV and writes the normalised partial output and its log-sum-exp. Kernel 2 merges the
+splits. The grid depends only on shapes (batch, heads, the block table's width), never on
+sequence lengths, so the launch can be captured in a CUDA graph; each program finds its own
+KV range from `seq_lens` on the device. A sequence of length 0 produces zeros.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.tiles import BOUNDED, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
+
+BLOCK_N = 64           # KV positions per tile
+NUM_WARPS = 4
+NUM_STAGES = 2
+MAX_SPLITS = 64        # kernel 2 holds every split's partial row in registers
+MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write) dominates
+PROGRAMS_PER_SM = 4    # enough resident programs per SM to hide memory latency and the tail wave
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the H100 the engine targets; only the interpreter runs off-GPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_kv_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int) -> int:
+    """Splits per (sequence, KV head) so the grid fills the GPU, from shapes only (graph-safe)."""
+    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, max(batch * kv_heads, 1))
+    return max(1, min(wanted, triton.cdiv(max_kv_len, MIN_SPLIT_TOKENS), MAX_SPLITS))
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, qk_scale,
+                  stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
+                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits,
+                  GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens + b)
+    # Split length rounded to whole tiles: only a split's last tile can be partial.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = tl.minimum(split * split_len, seq_len)
+    hi = tl.minimum(lo + split_len, seq_len)
+    full_hi = lo + (hi - lo) // BLOCK_N * BLOCK_N
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + offs_h
+    head_ok = offs_h < GROUP
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=head_ok[:, None], other=0.0)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
+    table_row = block_tables + b * stride_tb
+    head_off = kv_head * stride_kh
+    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, offs_h, k_cache, v_cache, table_row, head_off,
+                                 lo, full_hi, stride_kb, stride_ks, qk_scale,
+                                 BLOCK_N, HEAD_DIM, PAGE, FULL, DOT_PRECISION)
+    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, offs_h, k_cache, v_cache, table_row, head_off,
+                                 full_hi, hi, stride_kb, stride_ks, qk_scale,
+                                 BLOCK_N, HEAD_DIM, PAGE, BOUNDED, DOT_PRECISION)
+    # An empty split has l = 0: its lse is about -1e30, which gives it weight 0 in kernel 2
+    # (or, when every split is empty, equal weights on all-zero partials: output 0, not NaN).
+    l_safe = tl.maximum(l_i, 1e-30)
+    lse = m_i + tl.log2(l_safe)
+    o = acc / l_safe[:, None]
+    o_ptrs = o_part + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, o, mask=head_ok[:, None])
+    tl.store(lse_part + b * stride_lb + heads * stride_lh + split, lse, mask=head_ok)
+
+
+@triton.jit
+def _reduce_kernel(o_part, lse_part, out_ptr, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                   stride_outb, stride_outh, num_splits,
+                   HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    split_ok = offs_s < num_splits
+    lse = tl.load(lse_part + b * stride_lb + head * stride_lh + offs_s, mask=split_ok, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))
+    o = tl.load(o_part + b * stride_ob + head * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+                mask=split_ok[:, None], other=0.0)
+    res = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(out_ptr + b * stride_outb + head * stride_outh + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     *, num_splits: int | None = None) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged KV.
+
+    q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
+    seq_lens [B] int32 (KV length including the current token) -> out [B, Hq, D] in q's dtype.
+    `num_splits` overrides the shape-based choice of KV splits (benchmarks, tests).
+    """
+    check_attention_inputs(q, k_cache, v_cache)
+    batch, q_heads, head_dim = q.shape
+    _, page, kv_heads, _ = k_cache.shape
+    if block_tables.shape[0] != batch or seq_lens.shape != (batch,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} "
+                         f"do not match batch {batch}")
+    if num_splits is None:
+        num_splits = num_kv_splits(batch, kv_heads, block_tables.shape[1] * page, _num_sms(q.device))
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    group = q_heads // kv_heads
+    o_part = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    _split_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1), num_splits,
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_N=BLOCK_N, PAGE=page, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    _reduce_kernel[(batch, q_heads)](
+        o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits,
+        HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
+    return out

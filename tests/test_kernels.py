@@ -1,0 +1,280 @@
+"""The Triton kernels against float64 PyTorch references written here.
+
+Without a GPU they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
+shapes stay small. The interpreter miscomputes bf16 `tl.dot`, so bf16 attention runs on CUDA only
+(fp16 covers the 16-bit attention path on the CPU); the elementwise kernels are checked in bf16
+everywhere.
+
+The paged caches are built to catch stray reads: block-table entries past a sequence point at a
+NaN page, and the slots past a sequence's end in its last page are NaN too, so a kernel that
+follows an entry it should not, or loads a position it should mask, returns NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine.kernels import (PrefillConfig, apply_rope, decode_attention, num_kv_splits,  # noqa: E402
+                            prefill_attention, rms_norm, store_kv)
+from engine.kernels.decode_attention import MAX_SPLITS  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# The interpreter's bf16 tl.dot is wrong; fp16 takes the same 16-bit path (tiles, casts) there.
+ATTN_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not CUDA, reason="Triton's interpreter miscomputes bf16 tl.dot"))]
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+
+def _poison_allocator(numel: int) -> None:
+    """Leave NaN in freed memory of this size, so an output slot a kernel forgets to write shows."""
+    torch.full((numel,), float("nan"), device=DEVICE)
+
+
+def make_paged_kv(gen: torch.Generator, seq_lens: list[int], kv_heads: int, head_dim: int,
+                  block_size: int, max_blocks: int, dtype: torch.dtype):
+    """Random caches with shuffled pages; returns k_cache, v_cache, block_tables, seq_lens tensor."""
+    used = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(used) + 5 + 1  # 5 pages of other sequences, the last page is the NaN page
+    nan_page = num_blocks - 1
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    tables = torch.full((len(seq_lens), max_blocks), nan_page, dtype=torch.int32)
+    pages = torch.randperm(num_blocks - 1, generator=gen)
+    k_cache[nan_page] = v_cache[nan_page] = float("nan")
+    taken = 0
+    for b, (n, u) in enumerate(zip(seq_lens, used)):
+        tables[b, :u] = pages[taken:taken + u]
+        taken += u
+        if n % block_size:
+            last = tables[b, u - 1]
+            k_cache[last, n % block_size:] = v_cache[last, n % block_size:] = float("nan")
+    to = dict(device=DEVICE)
+    return (k_cache.to(dtype=dtype, **to), v_cache.to(dtype=dtype, **to), tables.to(**to),
+            torch.tensor(seq_lens, dtype=torch.int32, **to))
+
+
+def ref_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table_row: torch.Tensor,
+                  seq_len: int, scale: float) -> torch.Tensor:
+    """float64 attention of q [n, Hq, D] (the sequence's last n positions) over its first seq_len
+    cached positions, gathered page by page, with a causal mask."""
+    n, q_heads, head_dim = q.shape
+    if seq_len == 0:
+        return torch.zeros(n, q_heads, head_dim, dtype=torch.float64)
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    pos = torch.arange(seq_len)
+    pages = table_row.cpu().long()[pos // block_size]
+    k = k_cache.cpu().double()[pages, pos % block_size].repeat_interleave(q_heads // kv_heads, dim=1)
+    v = v_cache.cpu().double()[pages, pos % block_size].repeat_interleave(q_heads // kv_heads, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q.cpu().double(), k) * scale
+    q_pos = torch.arange(seq_len - n, seq_len)
+    scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    out = out.cpu().double()
+    assert torch.isfinite(out).all()
+    err = (out - ref).abs().max().item()
+    assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), f"max error {err}"
+
+
+# -- decode ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,block_size,seq_lens,num_splits", [
+    (8, 2, 32, 16, [1, 17, 600, 0, 130], None),  # auto splits (3 here), seq_len 0 -> zeros
+    (8, 2, 32, 16, [1, 17, 600, 0, 130], 7),     # more splits than tiles: empty splits
+    (14, 2, 64, 16, [5, 300], 4),                # group of 7 query heads (Qwen2.5-0.5B)
+    (3, 3, 16, 4, [33, 64, 65], 2),              # no GQA, odd head count, 16 pages per tile
+])
+def test_decode_attention(q_heads, kv_heads, head_dim, block_size, seq_lens, num_splits, dtype):
+    gen = _gen(1)
+    max_blocks = 40 if block_size == 16 else 20
+    k_cache, v_cache, tables, lens = make_paged_kv(gen, seq_lens, kv_heads, head_dim, block_size,
+                                                   max_blocks, dtype)
+    q = _randn(gen, len(seq_lens), q_heads, head_dim, dtype=dtype)
+    scale = head_dim ** -0.5
+    _poison_allocator(len(seq_lens) * q_heads * head_dim)
+    out = decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=num_splits)
+    assert out.shape == q.shape and out.dtype == dtype
+    for b, n in enumerate(seq_lens):
+        assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], n, scale)[0], dtype)
+
+
+def test_decode_split_count_comes_from_shapes():
+    assert num_kv_splits(64, 8, 2048, 132) <= 2            # the batch alone fills the GPU
+    assert num_kv_splits(8, 8, 32768, 132) >= 8            # few sequences: split the long KV
+    assert num_kv_splits(1, 8, 32768, 132) == MAX_SPLITS   # capped
+    assert num_kv_splits(1, 8, 64, 132) == 1               # too short to be worth splitting
+    assert num_kv_splits(0, 8, 64, 132) == 1
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_decode_attention_replays_in_cuda_graph():
+    gen = _gen(2)
+    final_lens = [20, 700, 0, 1]
+    k_cache, v_cache, tables, lens = make_paged_kv(gen, final_lens, 2, 64, 16, 48, torch.bfloat16)
+    q = _randn(gen, 4, 8, 64, dtype=torch.bfloat16)
+    lens.copy_(torch.tensor([1, 1, 0, 1], dtype=torch.int32))  # captured with short sequences
+    decode_attention(q, k_cache, v_cache, tables, lens, 0.125)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    lens.copy_(torch.tensor(final_lens, dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    for b, n in enumerate(final_lens):
+        ref = ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], n, 0.125)[0]
+        assert_close(out[b], ref, torch.bfloat16)
+
+
+# -- prefill --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,block_size,prefixes,q_lens,config", [
+    (4, 2, 32, 16, [0, 37, 13, 5], [20, 1, 70, 16], None),                  # default tiles, several query tiles
+    (4, 2, 32, 16, [0, 37, 13, 5], [20, 1, 70, 16], PrefillConfig(16, 16, 4, 2)),  # many full tiles
+    (2, 1, 16, 4, [100], [1], None),                                         # one token over a long prefix
+    (6, 2, 64, 16, [0], [33], PrefillConfig(32, 64, 4, 2)),                  # no prefix, head_dim 64
+])
+def test_prefill_attention(q_heads, kv_heads, head_dim, block_size, prefixes, q_lens, config, dtype):
+    gen = _gen(3)
+    seq_lens = [p + n for p, n in zip(prefixes, q_lens)]
+    k_cache, v_cache, tables, lens = make_paged_kv(gen, seq_lens, kv_heads, head_dim, block_size,
+                                                   40, dtype)
+    q = _randn(gen, sum(q_lens), q_heads, head_dim, dtype=dtype)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(device=DEVICE, dtype=torch.int32)
+    scale = head_dim ** -0.5
+    _poison_allocator(q.numel())
+    out = prefill_attention(q, k_cache, v_cache, cu, lens, tables, scale, max(q_lens), config=config)
+    assert out.shape == q.shape and out.dtype == dtype
+    for b, n in enumerate(seq_lens):
+        ref = ref_attention(q[cu[b]:cu[b + 1]], k_cache, v_cache, tables[b], n, scale)
+        assert_close(out[cu[b]:cu[b + 1]], ref, dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="the Llama-3.1-8B shape is too big for the interpreter")
+def test_prefill_attention_llama_shape():
+    gen = _gen(4)
+    k_cache, v_cache, tables, lens = make_paged_kv(gen, [300, 700], 8, 128, 16, 48, torch.bfloat16)
+    q = _randn(gen, 500, 32, 128, dtype=torch.bfloat16)  # 300 new tokens (no prefix), 200 over 500
+    cu = torch.tensor([0, 300, 500], dtype=torch.int32, device=DEVICE)
+    out = prefill_attention(q, k_cache, v_cache, cu, lens, tables, 128 ** -0.5, 300)
+    for b, n in enumerate([300, 700]):
+        ref = ref_attention(q[cu[b]:cu[b + 1]], k_cache, v_cache, tables[b], n, 128 ** -0.5)
+        assert_close(out[cu[b]:cu[b + 1]], ref, torch.bfloat16)
+
+
+def test_attention_rejects_bad_shapes():
+    gen = _gen(5)
+    k_cache, v_cache, tables, lens = make_paged_kv(gen, [4], 2, 32, 16, 2, torch.float32)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        decode_attention(_randn(gen, 1, 3, 32), k_cache, v_cache, tables, lens, 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention(_randn(gen, 1, 4, 24), k_cache[..., :24], v_cache[..., :24], tables, lens, 1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        cu = torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE)
+        prefill_attention(_randn(gen, 8, 4, 32), k_cache, v_cache, cu, lens, tables, 1.0, 4)
+
+
+# -- KV write -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv(dtype):
+    gen = _gen(6)
+    tokens, kv_heads, head_dim, block_size, num_blocks = 9, 3, 16, 4, 6
+    # k and v as views of a fused QKV output: rows are not contiguous.
+    qkv = _randn(gen, tokens, (2 + 2 * kv_heads) * head_dim, dtype=dtype)
+    k = qkv[:, 2 * head_dim:(2 + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, (2 + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[[2, 5]] = -1  # padding rows of a graph batch
+    slot_mapping = slots.to(device=DEVICE, dtype=torch.int64)
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), 7.0, dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, -7.0)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    expect_k, expect_v = torch.full_like(k_cache, 7.0).view(-1, kv_heads, head_dim), \
+        torch.full_like(v_cache, -7.0).view(-1, kv_heads, head_dim)
+    keep = slots >= 0
+    expect_k[slots[keep]] = k[keep.to(DEVICE)]
+    expect_v[slots[keep]] = v[keep.to(DEVICE)]
+    assert torch.equal(k_cache.view_as(expect_k), expect_k)
+    assert torch.equal(v_cache.view_as(expect_v), expect_v)
+
+
+# -- RMSNorm --------------------------------------------------------------------------------
+
+def ref_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.cpu().double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.cpu().double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype, with_residual):
+    gen = _gen(7)
+    x = _randn(gen, 2, 5, 96, dtype=dtype)  # hidden size not a power of two, 3-D input
+    weight = _randn(gen, 96, dtype=dtype)
+    residual = _randn(gen, 2, 5, 96, dtype=dtype) if with_residual else None
+    _poison_allocator(x.numel())
+    out, residual_out = rms_norm(x, weight, 1e-6, residual)
+    if with_residual:
+        # The model-dtype sum, as HF computes it: exact on a GPU; the interpreter truncates
+        # fp32 -> bf16 instead of rounding, which can cost one bf16 ulp.
+        ulp = 0.0 if CUDA or dtype == torch.float32 else 2.0 ** -7
+        torch.testing.assert_close(residual_out, x + residual, rtol=ulp, atol=0.0)
+    else:
+        assert residual_out is x
+    ref = ref_rms_norm(residual_out, weight, 1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == x.shape and out.dtype == dtype
+    assert (out.cpu().double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+# -- RoPE -----------------------------------------------------------------------------------
+
+def cos_sin_cache(max_pos: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def ref_rope(x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """HF Llama/Qwen2 `x * cos + rotate_half(x) * sin` in float64."""
+    half = x.shape[-1] // 2
+    cos, sin = cache[positions.cpu()].double().chunk(2, dim=-1)
+    cos, sin = torch.cat([cos, cos], -1)[:, None, :], torch.cat([sin, sin], -1)[:, None, :]
+    x = x.cpu().double()
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope(dtype):
+    gen = _gen(8)
+    tokens, q_heads, kv_heads, head_dim = 7, 6, 2, 32
+    qkv = _randn(gen, tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    before = qkv.clone()
+    q = qkv[:, :q_heads * head_dim].view(tokens, q_heads, head_dim)
+    k = qkv[:, q_heads * head_dim:(q_heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    positions = torch.tensor([0, 1, 2, 500, 77, 3, 1023], device=DEVICE)
+    cache = cos_sin_cache(1024, head_dim)
+    ref_q, ref_k = ref_rope(q, positions, cache), ref_rope(k, positions, cache)
+    apply_rope(q, k, positions, cache.to(device=DEVICE, dtype=torch.float32))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (q.cpu().double() - ref_q).abs().max().item() <= tol * ref_q.abs().max().item()
+    assert (k.cpu().double() - ref_k).abs().max().item() <= tol * ref_k.abs().max().item()
+    v_start = (q_heads + kv_heads) * head_dim
+    assert torch.equal(qkv[:, v_start:], before[:, v_start:])  # v untouched
