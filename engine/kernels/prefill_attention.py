@@ -25,13 +25,14 @@ class PrefillConfig:
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
-    """Tiles for an H100 (sm_90 wgmma, no register spills up to head_dim 128). fp32 inputs, used
+    """Tiles for an H100 (sm_90 wgmma, no register spills up to head_dim 128). 64x64 with 4 warps beat
+    128x64 and 128x128 with 8 warps by 7-12% at 2048 tokens (docs/performance.md). fp32 inputs, used
     only for exactness checks, go through FMA dots that need far smaller tiles."""
     if dtype == torch.float32:
         return PrefillConfig(32, 32, 4, 2)
     if head_dim > 128:
         return PrefillConfig(64, 32, 4, 2)
-    return PrefillConfig(128, 64, 8, 3)
+    return PrefillConfig(64, 64, 4, 3)
 
 
 @triton.jit
