@@ -1,0 +1,35 @@
+"""`PhaseRunner`: what the profiler needs from an engine to time real model steps.
+
+The profiler (nexus_tune) never imports the engine: the CLI builds an engine object that
+satisfies this protocol (engine.model_runner.ModelRunner) and hands it over. Each method
+prepares random inputs up front and returns a callable that runs one step on the stream it is
+given, so the timed region holds only the GPU work of that step.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+# Operator classes: the whole step, only the attention kernels (+ KV writes) of every layer,
+# or only the rest (embedding, norms, projections, RoPE, MLP, LM head).
+PARTS = ("all", "attention", "dense")
+
+Step = Callable[[Any], None]  # called with a torch.cuda.Stream (None on a CPU)
+
+
+@runtime_checkable
+class PhaseRunner(Protocol):
+    num_layers: int
+
+    def prefill_fn(self, tokens: int, kv_prefix: int, part: str) -> Step:
+        """A prefill step: one sequence's chunk of `tokens` new tokens attending to `kv_prefix` cached ones."""
+        ...
+
+    def decode_fn(self, batch: int, kv_tokens: int, part: str, stream: "torch.cuda.Stream | None") -> Step:
+        """A decode step of `batch` sequences reading `kv_tokens` KV tokens in total, captured as a
+        CUDA graph on `stream` (a graph keeps the SMs of the stream it was captured on); the callable
+        replays it."""
+        ...

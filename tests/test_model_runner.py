@@ -1,0 +1,176 @@
+"""ModelRunner: generation consistency, input checks, the PhaseRunner parts, and (CUDA only) graphs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kv_cache import CPU_KV_BYTES, KVCache
+from engine.model_runner import DecodeBatch, ModelRunner, PrefillBatch
+from engine.sampling import check_stop
+from nexus_tune.runner import PhaseRunner
+from nexus_tune.sequence import SamplingParams
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs and the Triton backend need a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return ModelRunner("tiny", device="cpu", num_kv_blocks=128)
+
+
+def generate(runner: ModelRunner, prompt: list[int], table: list[int], params: SamplingParams) -> list[int]:
+    """The loop the engine runs: prefill, then decode until check_stop says so."""
+    out: list[int] = []
+    logits = runner.prefill(PrefillBatch([prompt], [0], [table]))
+    while True:
+        out += runner.sample(logits, [params], [len(out)])
+        if check_stop(out, runner.tokenizer.decode(out), 1, params, runner.tokenizer.stop_token_ids):
+            return out
+        logits = runner.decode(DecodeBatch([out[-1]], [len(prompt) + len(out) - 1], [table]))
+
+
+def test_incremental_decode_equals_recomputing_the_prefix(runner):
+    prompt = runner.tokenizer.encode("The quick brown fox")
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    tokens = generate(runner, prompt, [0, 1], params)
+    assert len(tokens) == 12
+    for i in range(len(tokens)):  # each greedy token from a fresh full prefill of everything before it
+        logits = runner.prefill(PrefillBatch([prompt + tokens[:i]], [0], [[5, 6]]))
+        assert logits.argmax().item() == tokens[i]
+
+
+def test_seeded_generation_is_reproducible(runner):
+    params = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    assert generate(runner, [256, 1, 2, 3], [0], params) == generate(runner, [256, 1, 2, 3], [9], params)
+
+
+def test_bad_inputs_fail_clearly(runner):
+    with pytest.raises(ValueError, match="cannot hold"):
+        runner.prefill(PrefillBatch([list(range(20))], [0], [[0]]))
+    with pytest.raises(ValueError, match="max_model_len"):
+        runner.decode(DecodeBatch([1], [5000], [list(range(400))]))
+    with pytest.raises(ValueError, match="at least one"):
+        runner.prefill(PrefillBatch([[]], [0], [[0]]))
+    with pytest.raises(ValueError, match="exceeds the model"):
+        ModelRunner("tiny", device="cpu", num_kv_blocks=4, max_model_len=10**6)
+
+
+def test_graphs_need_cuda(runner):
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        runner.capture_decode_graphs({0: None})
+
+
+def test_kv_cache_size_on_cpu_comes_from_a_fixed_budget():
+    r = ModelRunner("tiny", device="cpu")
+    assert r.num_kv_blocks == CPU_KV_BYTES // KVCache.block_bytes(r.config, 16, torch.float32) - 1
+    assert r.kv_cache.k[0].shape == (r.num_kv_blocks + 1, 16, 2, 16)  # + the scratch block
+
+
+def test_runner_is_a_phase_runner(runner):
+    assert isinstance(runner, PhaseRunner)
+    assert runner.num_layers == 2
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_phase_parts(phase):
+    """'dense' never touches the KV cache; 'attention' and 'all' write it; each callable reruns."""
+    r = ModelRunner("tiny", device="cpu", num_kv_blocks=64)
+    make = (lambda part: r.prefill_fn(48, 20, part)) if phase == "prefill" else (lambda part: r.decode_fn(4, 90, part))
+    for part in ("dense", "attention", "all"):
+        r.kv_cache.kv.zero_()
+        fn = make(part)
+        fn(None)
+        fn(None)
+        assert bool(r.kv_cache.kv.any()) == (part != "dense"), part
+    with pytest.raises(ValueError, match="part must be"):
+        make("mlp")
+
+
+def test_profiling_more_kv_than_the_cache_holds_fails_clearly(runner):
+    with pytest.raises(ValueError, match="KV blocks"):
+        runner.decode_fn(64, 64 * 2048, "all")
+    with pytest.raises(ValueError, match="at least one KV token"):
+        runner.decode_fn(8, 4, "all")
+
+
+def test_padded_graph_step_leaves_real_rows_and_other_blocks_alone():
+    """The step every decode graph captures, run eagerly: 5 sequences padded to 8 rows give the
+    eager logits, and the padding touches no KV block but the scratch block."""
+    r = ModelRunner("tiny", device="cpu", num_kv_blocks=40, max_num_seqs=8, max_model_len=128)
+    tables = [[2 * i, 2 * i + 1] for i in range(5)]
+    prompts = [list(range(10 + i, 17 + 2 * i)) for i in range(5)]
+    first = r.prefill(PrefillBatch(prompts, [0] * 5, tables)).argmax(-1).tolist()
+    batch = DecodeBatch(first, [len(p) for p in prompts], tables)
+    eager = r.decode(batch)
+    before = r.kv_cache.kv.clone()
+    r._ensure_static()
+    r._load_static(batch, 8)
+    r._static_decode(8)
+    torch.testing.assert_close(r._static.logits[:5], eager, rtol=1e-5, atol=1e-5)
+    changed = (r.kv_cache.kv != before).flatten(3).any(-1).any(0).any(0).nonzero().flatten().tolist()
+    own = {b for t in tables for b in t}  # rewritten with the same token (bits may differ: 8-row GEMMs)
+    assert set(changed) - own == {r.kv_cache.scratch_block}
+
+
+# -- CUDA ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_runner() -> ModelRunner:
+    return ModelRunner("tiny-qwen2", device="cuda", num_kv_blocks=256, max_num_seqs=16, max_model_len=256)
+
+
+def _decode_batch(rows: int, runner: ModelRunner) -> DecodeBatch:
+    """`rows` sequences whose block tables all span max_model_len (as wide as the graphs' static table)."""
+    width = runner.max_blocks_per_seq
+    gen = torch.Generator().manual_seed(rows)
+    lens = torch.randint(1, runner.max_model_len, (rows,), generator=gen).tolist()
+    return DecodeBatch(torch.randint(0, 256, (rows,), generator=gen).tolist(), [n - 1 for n in lens],
+                       [list(range(i * width, (i + 1) * width)) for i in range(rows)])
+
+
+@needs_cuda
+def test_graph_decode_equals_eager(gpu_runner):
+    r = gpu_runner
+    r.kv_cache.kv.normal_()
+    streams = {"a": torch.cuda.Stream(), "b": torch.cuda.Stream()}
+    report = r.capture_decode_graphs(streams, buckets=[1, 4, 8, 16])
+    assert report.num_graphs == 8 and report.seconds > 0
+
+    def run(batch, key=None):  # logits are made on the split's stream: wait for it before reading
+        out = r.decode(batch, key, stream=streams["a"])
+        torch.cuda.synchronize()
+        return out.float().clone()
+
+    for rows in (1, 8, 16):  # a full bucket: the same kernels on the same shapes, so bit-identical
+        batch = _decode_batch(rows, r)
+        eager = run(batch)
+        for key in streams:
+            assert torch.equal(run(batch, key), eager), (rows, key)
+    batch = _decode_batch(5, r)  # padded to the 8-bucket: the GEMMs see 8 rows, so compare closely
+    eager, graph = run(batch), run(batch, "b")
+    torch.testing.assert_close(graph, eager, rtol=2e-2, atol=2e-2)
+    assert torch.equal(graph.argmax(-1), eager.argmax(-1))
+
+
+@needs_cuda
+def test_triton_backend_matches_torch_backend_on_gpu():
+    ref = ModelRunner("tiny", device="cuda", num_kv_blocks=64, backend="torch", max_model_len=512)
+    tri = ModelRunner("tiny", device="cuda", num_kv_blocks=64, backend="triton", max_model_len=512)
+    ids = list(range(40, 140))
+    batch = PrefillBatch([ids[:30], ids], [0, 0], [[0, 1], [2, 3, 4, 5, 6, 7, 8]])
+    # bf16: the kernels round P to bf16 before P @ V; the reference keeps fp32 until the output.
+    torch.testing.assert_close(tri.prefill(batch).float(), ref.prefill(batch).float(), rtol=5e-2, atol=5e-2)
+    step = DecodeBatch([5, 6], [30, 100], [[0, 1], [2, 3, 4, 5, 6, 7, 8]])
+    torch.testing.assert_close(tri.decode(step).float(), ref.decode(step).float(), rtol=5e-2, atol=5e-2)
+
+
+@needs_cuda
+def test_decode_fn_replays_on_a_stream(gpu_runner):
+    stream = torch.cuda.Stream()
+    for part in ("all", "attention", "dense"):
+        fn = gpu_runner.decode_fn(8, 8 * 100, part, stream)
+        fn(stream)
+        gpu_runner.prefill_fn(128, 64, part)(stream)
+    torch.cuda.synchronize()
