@@ -1,0 +1,117 @@
+"""`nexus-tune plan`: how much traffic each policy carries under your SLOs, from a saved profile.
+
+For every policy (nexus, chunked, prefill-first, and the best of a few static splits) it
+searches the capacity with the simulator (tune.find_capacity), then simulates all of them at
+a common ladder of rates for the latency table and the plot. The simulations run in worker
+processes: on two cores the default 1000-request Mixed workload takes about a minute.
+"""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from nexus_tune import metrics
+from nexus_tune.bench import plot_latency_vs_rate, progress_bar
+from nexus_tune.controller import ControllerKnobs
+from nexus_tune.profile import Profile, ProfileError
+from nexus_tune.tune import CapacityProbe, knobs_table, parallel_map, rate_range, search_capacity, slo_knobs
+from nexus_tune.workload import make_trace
+
+POLICIES = ("nexus", "chunked", "prefill-first")
+STATIC_SHARES = (0.25, 0.375, 0.5, 0.625, 0.75)  # prefill shares of the static splits tried
+RATE_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25)  # the common rates: fractions of the highest capacity
+TABLE_FRACTIONS = (0.5, 0.75, 1.0)
+
+
+def static_policies(profile: Profile) -> list[str]:
+    """`static:N` for the pre-created splits nearest to STATIC_SHARES of the GPU."""
+    total = profile.gpu["sm_count"]
+    picks = {min(profile.split_sms, key=lambda s: abs(s - share * total)) for share in STATIC_SHARES}
+    return [f"static:{n}" for n in sorted(picks)]
+
+
+def recommended_knobs(profile: Profile, slos: dict[str, float]) -> ControllerKnobs:
+    """The profile's tuned knobs if any, else the defaults; slo-mode targets from the SLOs."""
+    return slo_knobs(slos, ControllerKnobs.from_dict(profile.tuned_knobs) if profile.tuned_knobs else None)
+
+
+def _at_rates(probe: CapacityProbe, rates: list[float]) -> dict[float, dict]:
+    """Summaries at `rates` (a process-pool job)."""
+    return {rate: probe.summary(rate) for rate in rates}
+
+
+def plan(profile: Profile, workload: str, slos: dict[str, float], num_prompts: int = 1000, seed: int = 0,
+         workers: int | None = None, progress: Progress | None = None) -> dict:
+    """Capacity per policy and latencies at common rates.
+
+    Returns {"knobs", "rates", "capacity": {policy: req/s}, "summaries": {policy: {rate: summary}},
+    "best_static", "policies"} where "policies" lists the reported ones (nexus, chunked,
+    prefill-first, best static).
+    """
+    knobs = recommended_knobs(profile, slos)
+    start, ceiling = rate_range(profile, workload, num_prompts, seed)
+    candidates = [*POLICIES, *static_policies(profile)]
+    probes = {p: CapacityProbe(profile, workload, num_prompts, seed, slos, p, knobs) for p in candidates}
+    task = progress.add_task("capacity per policy", total=len(candidates)) if progress else None
+    advance = (lambda: progress.advance(task)) if progress else (lambda: None)
+    searches = parallel_map(search_capacity, [(probes[p], start, 2.0, 10, 0.0, ceiling) for p in candidates],
+                            workers, advance)
+    capacity = {p: cap for p, (cap, _) in zip(candidates, searches)}
+    summaries = {p: dict(s) for p, (_, s) in zip(candidates, searches)}
+    best_static = max(candidates[len(POLICIES):], key=lambda p: capacity[p])
+    reported = [*POLICIES, best_static]
+
+    top = max(capacity[p] for p in reported) or start  # nothing passed: show the rates around the start
+    rates = [round(f * top, 4) for f in RATE_FRACTIONS]
+    jobs = [(probes[p], [r for r in rates if r not in summaries[p]]) for p in reported]
+    if progress:
+        progress.update(task, description="latency at common rates", total=len(candidates) + len(jobs))
+    for p, found in zip(reported, parallel_map(_at_rates, jobs, workers, advance)):
+        summaries[p].update(found)
+    return {"knobs": knobs, "rates": rates, "capacity": capacity, "summaries": summaries,
+            "best_static": best_static, "policies": reported}
+
+
+def plan_table(result: dict, title: str) -> Table:
+    shown = [result["rates"][RATE_FRACTIONS.index(f)] for f in TABLE_FRACTIONS]
+    table = Table(title=title, caption="at each rate: p99 TTFT/TPOT (ms) and the share of requests meeting the SLOs")
+    table.add_column("policy", no_wrap=True)
+    table.add_column("capacity, req/s\n(x chunked)", justify="right", no_wrap=True)
+    for rate in shown:
+        table.add_column(f"at {rate:.3g}\nreq/s", justify="right", no_wrap=True)
+    base = result["capacity"]["chunked"]
+    for p in result["policies"]:
+        cap = result["capacity"][p]
+        cells = [f"{s['p99_ttft_ms']:.0f} / {s['p99_tpot_ms']:.1f}\n{s['slo_attainment']:.0%}"
+                 for s in (result["summaries"][p][rate] for rate in shown)]
+        table.add_row(p, f"{cap:.3g}\n({cap / base:.2f}x)" if base else f"{cap:.3g}", *cells, end_section=True)
+    return table
+
+
+def run_plan(args) -> int:
+    console = Console()
+    try:
+        slos = metrics.parse_slos(args.slo)
+        if not slos:
+            raise ValueError("--slo is empty: give ttft=MS,tpot=MS")
+        profile = Profile.load(args.profile)
+        make_trace(args.workload, 1, 1.0, seed=args.seed)  # a bad workload fails before any simulation
+    except (ValueError, ProfileError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    progress = progress_bar(console)
+    with progress:
+        result = plan(profile, args.workload, slos, args.num_prompts, args.seed, progress=progress)
+    title = (f"{profile.model['name']} on {profile.gpu.get('name', profile.gpu['slug'])}, {args.workload} "
+             f"({args.num_prompts} requests): capacity = the highest rate with 90% of requests within "
+             + ", ".join(f"{k} {v:g} ms" for k, v in slos.items()))
+    console.print(plan_table(result, title))
+    console.print(knobs_table({"nexus": result["knobs"]}, "Recommended controller knobs"))
+    console.print("(tuned, from the profile)" if profile.tuned_knobs else
+                  "(the defaults: `nexus-tune tune` searches better ones and writes them into the profile)")
+    if args.plot:
+        series = {p: [(r, result["summaries"][p][r]) for r in result["rates"]] for p in result["policies"]}
+        plot_latency_vs_rate(series, slos, args.plot, {p: result["capacity"][p] or None for p in result["policies"]})
+        console.print(f"Plot written to {args.plot}")
+    return 0

@@ -1,0 +1,503 @@
+"""Batch selection for every serving policy; the engine and the simulator share this one copy.
+
+Policies:
+- `nexus`: two concurrent loops (prefill, decode) on disjoint SM sets; the controller picks the split.
+- `static:N`: the same two loops on a fixed split with N prefill SMs.
+- `chunked`: vLLM v1's scheduler: one loop, one mixed batch per step on the whole GPU under a
+  token budget; running requests first (a decoding one gets 1 token, a partly prefilled one its
+  next chunk), then waiting ones, first come first served, the last one chunked.
+- `prefill-first`: SGLang's default: one loop on the whole GPU; a prefill batch whenever one can
+  be formed, a decode batch otherwise.
+
+The prefill queue of the two-loop policies is shortest-remaining-first with aging: score =
+remaining tokens - gamma x waiting ms, lowest first. Since every queued request ages at the
+same rate, that order equals the order of `remaining + gamma x arrival ms`, a key that is fixed
+while a request waits: a heap keeps the queue. The baselines keep it first come, first served.
+Decode is first come, first served: `running` keeps admission order.
+
+KV: a request is admitted (gets blocks, joins `running`) when its first chunk fits and fewer than
+`max_num_seqs` run. When a running request needs a block and none is free, it preempts
+(recompute) the running requests admitted after it, newest first, that are not inside a batch
+in flight; if that cannot free enough it skips this step and keeps its blocks. The oldest
+running request can always proceed, so no request is lost. (vLLM v1 preempts the request itself
+when nothing is behind it; skipping keeps its KV for the next step instead.)
+
+Time is passed in (`now`, seconds); nothing here reads a clock. One lock guards all state;
+`wait` lets a loop sleep until another thread changed it.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from nexus_tune.block_manager import BlockManager, Fence
+from nexus_tune.controller import Controller, ControllerKnobs, LatencyPredictor, StepState
+from nexus_tune.sequence import Sequence, SequenceStatus
+
+WAITING, PREFILLING, DECODING = SequenceStatus.WAITING, SequenceStatus.PREFILLING, SequenceStatus.DECODING
+FINISHED, ABORTED = SequenceStatus.FINISHED, SequenceStatus.ABORTED
+POLICIES = ("nexus", "chunked", "prefill-first", "static:N")
+MIXED_TOKEN_BUDGET = 8192  # vLLM's max_num_batched_tokens for the server on H100-class GPUs
+
+
+def parse_policy(policy: str) -> tuple[str, int | None]:
+    """`"static:64"` -> `("static", 64)`; `"nexus"` -> `("nexus", None)`."""
+    name, sep, arg = policy.strip().partition(":")
+    if name == "static":
+        if not arg.strip().isdigit() or int(arg) < 1:
+            raise ValueError(f"policy {policy!r}: static needs a prefill SM count, e.g. static:64")
+        return name, int(arg)
+    if sep or name not in ("nexus", "chunked", "prefill-first"):
+        raise ValueError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
+    return name, None
+
+
+@dataclass
+class PrefillBatch:
+    """Chunks of one or more sequences: sequence i computes tokens [prefix_lens[i], prefix_lens[i] + chunk_lens[i])."""
+
+    seqs: list[Sequence]
+    chunk_lens: list[int]
+    prefix_lens: list[int]
+    last: list[bool]  # the chunk ends the sequence's prefill: sample its next token from it
+    sms: int | None = None  # SMs to launch on (None: the whole device, no split known)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.chunk_lens)
+
+    @property
+    def prefix_tokens(self) -> int:
+        return sum(self.prefix_lens)
+
+
+@dataclass
+class DecodeBatch:
+    """One new token for each sequence; `kv_tokens` is the KV the step reads (the new tokens' included)."""
+
+    seqs: list[Sequence]
+    kv_tokens: int
+    sms: int | None = None
+
+
+@dataclass
+class MixedBatch:
+    """The chunked policy's step: one forward pass over both parts, on the whole GPU."""
+
+    prefill: PrefillBatch | None
+    decode: DecodeBatch | None
+
+
+class Scheduler:
+    def __init__(self, policy: str, block_manager: BlockManager, knobs: ControllerKnobs | None = None, *,
+                 max_num_seqs: int = 256, total_sms: int | None = None, split_sms: Iterable[int] = (),
+                 model: LatencyPredictor | None = None, mixed_token_budget: int = MIXED_TOKEN_BUDGET):
+        """`total_sms` and `split_sms` (pre-created splits, prefill SM counts) are needed by the two-loop
+        policies; `model` (a LatencyModel) by `nexus`."""
+        self.policy, self.static_sms = parse_policy(policy)
+        self.two_loops = self.policy in ("nexus", "static")
+        self.knobs = knobs or ControllerKnobs()
+        if max_num_seqs < 1 or mixed_token_budget < 1:
+            raise ValueError("max_num_seqs and mixed_token_budget must be positive")
+        self.max_num_seqs = max_num_seqs
+        self.mixed_token_budget = mixed_token_budget
+        self.bm = block_manager
+        self.total_sms = total_sms
+        split_sms = sorted(split_sms)
+        if self.two_loops and (not total_sms or not split_sms):
+            raise ValueError(f"policy {policy!r} needs total_sms and the pre-created splits (split_sms)")
+        if self.policy == "static" and self.static_sms not in split_sms:
+            raise ValueError(f"policy {policy!r}: {self.static_sms} prefill SMs is not a pre-created split; "
+                             f"choose one of {', '.join(map(str, split_sms))}")
+        self.controller = None
+        if self.policy == "nexus":
+            if model is None:
+                raise ValueError("policy 'nexus' needs a latency model (model=...)")
+            self.controller = Controller(model, split_sms, total_sms, self.knobs)
+        self._gamma_per_s = self.knobs.gamma * 1e3 if self.two_loops else 0.0
+
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._seqs: dict[str, Sequence] = {}  # every live sequence
+        self._waiting: list[tuple[float, int, Sequence]] = []  # heap of unadmitted ones, by queue key
+        # nexus: a heap by arrival time, for the age of the oldest request still without a first token
+        self._oldest: list[tuple[float, int, Sequence]] = []
+        self._order = itertools.count()
+        self._running: dict[str, Sequence] = {}  # admitted (holding blocks), in admission order
+        self._partial: dict[str, Sequence] = {}  # two-loop and prefill-first: admitted, prefill unfinished, idle
+        self._num_waiting = 0
+        self._num_decoding = 0
+        self._queued_tokens = 0  # tokens still to prefill, over waiting and prefilling sequences
+        self._decode_kv = 0  # sum of num_tokens over decoding sequences
+        self._prefill_batch: PrefillBatch | None = None  # in flight
+        self._decode_batch: DecodeBatch | None = None
+        self._prefill_sms = 0  # SMs held by the batch in flight on each side
+        self._decode_sms = 0
+        self.split = self.static_sms if self.policy == "static" else total_sms
+        self.num_preemptions = 0
+
+    # -- requests in and out -------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request; `seq.arrival_time` is its arrival instant. ValueError if it can never fit."""
+        need = self.bm.blocks_for(seq.num_tokens + seq.params.max_tokens - 1)
+        if need > self.bm.num_blocks:
+            raise ValueError(
+                f"request {seq.seq_id}: {seq.num_tokens} prompt tokens + max_tokens {seq.params.max_tokens} "
+                f"need {need} KV blocks, the cache holds {self.bm.num_blocks}")
+        with self._lock:
+            if seq.seq_id in self._seqs:
+                raise ValueError(f"request {seq.seq_id} is already queued")
+            seq.status = WAITING
+            self._seqs[seq.seq_id] = seq
+            self._push_waiting(seq)
+            if self.controller is not None:
+                heapq.heappush(self._oldest, (seq.arrival_time, next(self._order), seq))
+            self._changed.notify_all()
+
+    def abort(self, seq_id: str, fence: Fence | None = None) -> bool:
+        """Drop a request wherever it is; False if unknown or already done. Blocks of a sequence inside a
+        batch in flight are freed when that batch finishes."""
+        with self._lock:
+            seq = self._seqs.get(seq_id)
+            if seq is None:
+                return False
+            self._retire(seq, ABORTED, None, fence)
+            self._changed.notify_all()
+            return True
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self._seqs)
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until another thread adds, finishes or aborts work (or `timeout` seconds pass)."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    # -- two-loop policies (nexus, static:N) ---------------------------------------------------
+
+    def schedule_prefill(self, now: float) -> PrefillBatch | None:
+        """The next prefill batch and its SMs; None if nothing can run now (no work, no KV, or the
+        decode batch in flight holds every SM)."""
+        with self._lock:
+            self._require(self.two_loops and self._prefill_batch is None, "schedule_prefill")
+            free_sms = self.total_sms - self._decode_sms
+            if free_sms <= 0:
+                return None
+            batch = self._form_prefill(self.knobs.prefill_chunk_tokens)
+            if batch is None:
+                return None
+            batch.sms = min(self._decide(now, batch.num_tokens, batch.prefix_tokens), free_sms)
+            self._prefill_batch, self._prefill_sms = batch, batch.sms
+            return batch
+
+    def schedule_decode(self, now: float) -> DecodeBatch | None:
+        """Every decoding sequence (first come, first served, at most max_num_seqs) and the SMs to use."""
+        with self._lock:
+            self._require(self.two_loops and self._decode_batch is None, "schedule_decode")
+            free_sms = self.total_sms - self._prefill_sms
+            if free_sms <= 0 or not self._num_decoding:
+                return None
+            batch = self._form_decode()
+            if batch is None:
+                return None
+            p_t, kv_p = self._prefill_load()
+            batch.sms = min(self.total_sms - self._decide(now, p_t, kv_p), free_sms)
+            self._decode_batch, self._decode_sms = batch, batch.sms
+            return batch
+
+    def decide_split(self, now: float) -> int | None:
+        """Prefill SMs the policy wants now (0: all to decode; total_sms: all to prefill; the single-loop
+        policies always answer total_sms)."""
+        with self._lock:
+            return self._decide(now, *self._prefill_load())
+
+    # -- single-loop policies ------------------------------------------------------------------
+
+    def schedule_step(self, now: float) -> PrefillBatch | DecodeBatch | None:
+        """prefill-first: a prefill batch whenever one can be formed, else a decode batch."""
+        with self._lock:
+            self._require(self.policy == "prefill-first" and self._idle(), "schedule_step")
+            batch = self._form_prefill(self.mixed_token_budget)
+            if batch is not None:
+                batch.sms = self.total_sms
+                self._prefill_batch = batch
+                return batch
+            batch = self._form_decode()
+            if batch is not None:
+                batch.sms = self.total_sms
+                self._decode_batch = batch
+            return batch
+
+    def schedule_mixed(self, now: float) -> MixedBatch | None:
+        """chunked (vLLM v1): running sequences first in admission order, then waiting ones, first come
+        first served, under the token budget; no new admission in a step that preempted."""
+        with self._lock:
+            self._require(self.policy == "chunked" and self._idle(), "schedule_mixed")
+            budget = self.mixed_token_budget
+            decode, chunks = [], []
+            preemptions = self.num_preemptions
+            for seq in list(self._running.values()):
+                if budget <= 0:
+                    break
+                if seq.status is DECODING:
+                    n, total = 1, seq.num_tokens
+                elif seq.status is PREFILLING:
+                    n = min(seq.num_prefill_remaining, budget)
+                    total = seq.num_computed_tokens + n
+                else:  # preempted earlier in this loop
+                    continue
+                if not self._allocate_or_preempt(seq, total):
+                    continue
+                seq.in_flight = True
+                if seq.status is DECODING:
+                    decode.append(seq)
+                else:
+                    chunks.append((seq, n))
+                budget -= n
+            if self.num_preemptions == preemptions:
+                while budget > 0 and len(self._running) < self.max_num_seqs:
+                    seq = self._peek_waiting()
+                    if seq is None or not self.bm.allocate(seq, min(seq.num_prefill_remaining, budget)):
+                        break
+                    n = min(seq.num_prefill_remaining, budget)
+                    self._admit(seq)
+                    chunks.append((seq, n))
+                    budget -= n
+            prefill = self._prefill_batch_of(chunks)
+            dec = DecodeBatch(decode, sum(s.num_tokens for s in decode)) if decode else None
+            if prefill is None and dec is None:
+                return None
+            self._prefill_batch, self._decode_batch = prefill, dec
+            return MixedBatch(prefill, dec)
+
+    # -- results -------------------------------------------------------------------------------
+
+    def finish_prefill(self, batch: PrefillBatch, now: float, first_tokens: list[int],
+                       finished: Collection[str] = (), fence: Fence | None = None) -> None:
+        """The batch ran. `first_tokens[i]` is the token sampled for sequence i if `batch.last[i]` (ignored
+        otherwise); `finished` holds the ids the engine stops (EOS, stop string, max tokens)."""
+        with self._lock:
+            self._prefill_batch, self._prefill_sms = None, 0
+            for seq, n, last, token in zip(batch.seqs, batch.chunk_lens, batch.last, first_tokens):
+                seq.in_flight = False
+                if seq.status is ABORTED:
+                    self.bm.free(seq, fence)
+                    continue
+                seq.num_computed_tokens += n
+                self._queued_tokens -= n
+                if last:
+                    seq.token_ids.append(token)
+                    if seq.first_token_time is None:
+                        seq.first_token_time = now
+                    seq.status = DECODING
+                    self._num_decoding += 1
+                    self._decode_kv += seq.num_tokens
+                elif self.policy != "chunked":  # chunked keeps it in `running` order instead
+                    self._partial[seq.seq_id] = seq
+            self._retire_finished(finished, now, fence)
+            self._changed.notify_all()
+
+    def finish_decode(self, batch: DecodeBatch, now: float, new_tokens: list[int],
+                      finished: Collection[str] = (), fence: Fence | None = None) -> None:
+        """The batch ran: `new_tokens[i]` is sequence i's new token; `finished` as in finish_prefill."""
+        with self._lock:
+            self._decode_batch, self._decode_sms = None, 0
+            grown = 0
+            for seq, token in zip(batch.seqs, new_tokens):
+                seq.in_flight = False
+                if seq.status is ABORTED:
+                    self.bm.free(seq, fence)
+                    continue
+                seq.num_computed_tokens = len(seq.token_ids)
+                seq.token_ids.append(token)
+                grown += 1
+            self._decode_kv += grown
+            self._retire_finished(finished, now, fence)
+            self._changed.notify_all()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "num_waiting": self._num_waiting,
+                "num_prefilling": len(self._running) - self._num_decoding,
+                "num_decoding": self._num_decoding,
+                "queued_prefill_tokens": self._queued_tokens,
+                "decode_kv_tokens": self._decode_kv,
+                "kv_usage": self.bm.usage,
+                "free_blocks": self.bm.num_free,
+                "fenced_blocks": self.bm.num_fenced,
+                "num_preemptions": self.num_preemptions,
+                "split": self.split,
+            }
+
+    # -- internals (caller holds the lock) -------------------------------------------------------
+
+    def _require(self, ok: bool, call: str) -> None:
+        if not ok:
+            raise RuntimeError(f"{call}() is not valid now for policy {self.policy!r} (wrong policy, or the "
+                               "previous batch of that kind has not been finished)")
+
+    def _idle(self) -> bool:
+        return self._prefill_batch is None and self._decode_batch is None
+
+    def _key(self, seq: Sequence) -> float:
+        if self.two_loops:  # remaining - gamma x (now - arrival), up to the shared -gamma x now
+            return seq.num_prefill_remaining + self._gamma_per_s * seq.arrival_time
+        return seq.arrival_time
+
+    def _push_waiting(self, seq: Sequence) -> None:
+        heapq.heappush(self._waiting, (self._key(seq), next(self._order), seq))
+        self._num_waiting += 1
+        self._queued_tokens += seq.num_prefill_remaining
+
+    def _peek_waiting(self) -> Sequence | None:
+        while self._waiting and self._waiting[0][2].status is not WAITING:  # aborted while waiting
+            heapq.heappop(self._waiting)
+        return self._waiting[0][2] if self._waiting else None
+
+    def _admit(self, seq: Sequence) -> None:
+        """Move the head of the waiting heap (already given its blocks) into `running`."""
+        heapq.heappop(self._waiting)
+        self._num_waiting -= 1
+        seq.status = PREFILLING
+        seq.in_flight = True
+        self._running[seq.seq_id] = seq
+
+    def _form_prefill(self, budget: int) -> PrefillBatch | None:
+        """Chunks in queue order under `budget` tokens: admitted sequences with an unfinished prefill
+        compete with waiting ones; admission stops at the first waiting one that does not fit, and
+        after a preemption (as in vLLM: what was just preempted is not readmitted in the same step)."""
+        partials = sorted(self._partial.values(), key=self._key)
+        chunks: list[tuple[Sequence, int]] = []
+        i, admitting, preemptions = 0, True, self.num_preemptions
+        while budget > 0:
+            admitting = admitting and self.num_preemptions == preemptions
+            head = self._peek_waiting() if admitting else None
+            if i < len(partials) and (head is None or self._key(partials[i]) <= self._waiting[0][0]):
+                seq = partials[i]
+                i += 1
+                if seq.status is not PREFILLING:  # preempted by an earlier chunk of this batch
+                    continue
+                n = min(seq.num_prefill_remaining, budget)
+                if not self._allocate_or_preempt(seq, seq.num_computed_tokens + n):
+                    continue
+                del self._partial[seq.seq_id]
+                seq.in_flight = True
+            elif head is not None:
+                seq, n = head, min(head.num_prefill_remaining, budget)
+                if len(self._running) >= self.max_num_seqs or not self.bm.allocate(seq, n):
+                    admitting = False
+                    continue
+                self._admit(seq)
+            else:
+                break
+            chunks.append((seq, n))
+            budget -= n
+        return self._prefill_batch_of(chunks)
+
+    def _prefill_batch_of(self, chunks: list[tuple[Sequence, int]]) -> PrefillBatch | None:
+        if not chunks:
+            return None
+        seqs = [s for s, _ in chunks]
+        lens = [n for _, n in chunks]
+        prefixes = [s.num_computed_tokens for s in seqs]
+        last = [p + n == s.num_tokens for s, n, p in zip(seqs, lens, prefixes)]
+        return PrefillBatch(seqs, lens, prefixes, last)
+
+    def _form_decode(self) -> DecodeBatch | None:
+        """Every decoding sequence in admission order that has (or can get) a block for its next token."""
+        seqs, kv = [], 0
+        capacity = self.bm.block_size
+        for seq in list(self._running.values()):
+            if seq.status is not DECODING:
+                continue
+            n = len(seq.token_ids)  # KV it holds after this step
+            if len(seq.block_table) * capacity < n and not self._allocate_or_preempt(seq, n):
+                continue
+            seq.in_flight = True
+            seqs.append(seq)
+            kv += n
+        return DecodeBatch(seqs, kv) if seqs else None
+
+    def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for `seq` to hold `num_tokens`, preempting idle sequences admitted after it if that suffices."""
+        if self.bm.allocate(seq, num_tokens):
+            return True
+        victims = []
+        for other in reversed(self._running.values()):
+            if other is seq:
+                break
+            if not other.in_flight:
+                victims.append(other)
+        if self.bm.num_free + sum(len(v.block_table) for v in victims) < self.bm.blocks_needed(seq, num_tokens):
+            return False
+        for victim in victims:
+            self._preempt(victim)
+            if self.bm.allocate(seq, num_tokens):
+                return True
+        raise AssertionError("preemption freed fewer blocks than counted")
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: drop the KV, keep the tokens, queue the whole sequence for prefill again."""
+        if seq.status is PREFILLING:
+            self._queued_tokens -= seq.num_prefill_remaining
+        self._leave_running(seq)
+        self.bm.free(seq)  # idle: no kernel in flight reads these blocks
+        seq.num_computed_tokens = 0
+        seq.status = WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._push_waiting(seq)
+
+    def _leave_running(self, seq: Sequence) -> None:
+        del self._running[seq.seq_id]
+        self._partial.pop(seq.seq_id, None)
+        if seq.status is DECODING:
+            self._num_decoding -= 1
+            self._decode_kv -= seq.num_tokens
+
+    def _retire(self, seq: Sequence, status: SequenceStatus, now: float | None, fence: Fence | None) -> None:
+        """Finish or abort: leave every queue; free the blocks unless a batch in flight still uses them."""
+        del self._seqs[seq.seq_id]
+        if seq.status is WAITING:
+            self._num_waiting -= 1  # its heap entry is skipped lazily
+            self._queued_tokens -= seq.num_prefill_remaining
+        else:
+            if seq.status is PREFILLING:
+                self._queued_tokens -= seq.num_prefill_remaining
+            self._leave_running(seq)
+        seq.status = status
+        seq.finish_time = now
+        if not seq.in_flight:
+            self.bm.free(seq, fence)
+
+    def _retire_finished(self, finished: Collection[str], now: float, fence: Fence | None) -> None:
+        for seq_id in finished:
+            seq = self._seqs.get(seq_id)
+            if seq is not None:  # an abort may have won the race
+                self._retire(seq, FINISHED, now, fence)
+
+    def _prefill_load(self) -> tuple[int, int]:
+        """(P_T, KV_p) of the prefill in flight, else an estimate of the next one."""
+        if self._prefill_batch is not None:
+            return self._prefill_batch.num_tokens, self._prefill_batch.prefix_tokens
+        return min(self._queued_tokens, self.knobs.prefill_chunk_tokens), 0
+
+    def _oldest_wait_ms(self, now: float) -> float:
+        heap = self._oldest
+        while heap and (heap[0][2].status not in (WAITING, PREFILLING) or heap[0][2].first_token_time is not None):
+            heapq.heappop(heap)  # it has its first token (or is gone) and never waits for one again
+        return (now - heap[0][0]) * 1e3 if heap else 0.0
+
+    def _decide(self, now: float, prefill_tokens: int, prefill_kv: int) -> int | None:
+        if self.controller is not None:
+            state = StepState(self._queued_tokens, prefill_tokens, prefill_kv, self._num_decoding,
+                              self._decode_kv, self.bm.usage, self._oldest_wait_ms(now))
+            self.split = self.controller.decide(state)
+        return self.split

@@ -1,0 +1,274 @@
+"""Discrete-event simulator of the engine: the real scheduler and controller, step times from the model.
+
+It drives `scheduler.Scheduler` exactly as the engine's loops do: the two-loop policies (nexus,
+static:N) run a prefill loop and a decode loop side by side, each launching its next step as soon
+as its previous one ends and the scheduler gives it a batch; the single-loop policies run one
+step at a time on the whole GPU. Step durations come from the profile's `LatencyModel`:
+- prefill batch: `predict_prefill(tokens, prefix tokens, sms)`;
+- decode batch: `predict_decode(batch, kv, sms)`, with the in-flight prefill's (tokens, prefix)
+  as contention when one runs at launch time (the duration is fixed at launch);
+- chunked's mixed batch: its tokens as one prefill on the whole GPU plus what the decode
+  sequences' attention adds: `predict_prefill(P + B, KV_p) + predict_decode(B, KV_d) - predict_decode(B, 0)`.
+Time convention (the engine's): a token is out when the step that sampled it ends. The first
+token is sampled from the logits of the prefill's last chunk, so TTFT = arrival -> end of the
+prefill step holding the last prompt chunk (queueing and earlier chunks included); every decode
+step adds one token per sequence at its end. Requests stop at their trace output length.
+KV capacity is the profile's `kv_capacity_tokens`, in blocks of `block_size`.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nexus_tune import metrics
+from nexus_tune.block_manager import BlockManager
+from nexus_tune.controller import ControllerKnobs
+from nexus_tune.metrics import RequestRecord
+from nexus_tune.scheduler import MIXED_TOKEN_BUDGET, DecodeBatch, MixedBatch, PrefillBatch, Scheduler
+from nexus_tune.sequence import SamplingParams, Sequence
+from nexus_tune.workload import TraceRequest
+
+if TYPE_CHECKING:
+    from nexus_tune.profile import Profile
+
+_ARRIVAL, _PREFILL_DONE, _DECODE_DONE, _STEP_DONE = range(4)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    records: list[RequestRecord]
+    duration_s: float  # first arrival to last finish (virtual seconds)
+    split_switches: int = 0
+    splits: list[tuple[float, int]] = field(default_factory=list)  # (time s, prefill SMs) at each change
+    num_preemptions: int = 0
+
+    def summary(self, slos: dict[str, float] | None = None) -> dict:
+        """`metrics.summarize` of the records (vLLM's field names), plus the simulator's counters."""
+        out = metrics.summarize(self.records, self.duration_s, slos)
+        out.update(policy=self.policy, split_switches=self.split_switches, num_preemptions=self.num_preemptions)
+        return out
+
+
+def simulate(profile: Profile, trace: list[TraceRequest], policy: str, knobs: ControllerKnobs | None = None, *,
+             max_num_seqs: int = 256, block_size: int = 16,
+             mixed_token_budget: int = MIXED_TOKEN_BUDGET) -> SimResult:
+    """Replay `trace` under `policy` (nexus | chunked | prefill-first | static:N) on `profile`.
+
+    `knobs` default to the profile's tuned knobs, else ControllerKnobs().
+    """
+    if knobs is None:
+        knobs = ControllerKnobs.from_dict(profile.tuned_knobs) if profile.tuned_knobs else ControllerKnobs()
+    return _Simulation(profile, trace, policy, knobs, max_num_seqs, block_size, mixed_token_budget).run()
+
+
+class _Simulation:
+    def __init__(self, profile: Profile, trace: list[TraceRequest], policy: str, knobs: ControllerKnobs,
+                 max_num_seqs: int, block_size: int, mixed_token_budget: int):
+        self.model = profile.latency_model
+        self.total_sms = int(profile.gpu["sm_count"])
+        blocks = BlockManager(profile.kv_capacity_tokens // block_size, block_size)
+        self.sched = Scheduler(policy, blocks, knobs, max_num_seqs=max_num_seqs, total_sms=self.total_sms,
+                               split_sms=profile.split_sms, model=self.model,
+                               mixed_token_budget=mixed_token_budget)
+        self.policy = policy
+        self.trace = trace
+        self.records: dict[str, RequestRecord] = {}
+        self.events: list[tuple[float, int, int, object]] = []
+        self._order = itertools.count()
+        self.now = 0.0
+        self.prefill_busy: PrefillBatch | None = None  # two-loop policies
+        self.decode_busy = False
+        self.gpu_busy = False  # single-loop policies
+        self.splits: list[tuple[float, int]] = []
+
+    def run(self) -> SimResult:
+        for req in self.trace:
+            self._push(req.arrival_s, _ARRIVAL, req)
+        while self.events:
+            self.now = self.events[0][0]
+            while self.events and self.events[0][0] == self.now:  # everything at this instant, then launch
+                _, _, kind, payload = heapq.heappop(self.events)
+                self._handle(kind, payload)
+            self._launch()
+        if self.sched.num_unfinished:
+            raise RuntimeError(f"simulation stalled at t={self.now:.3f}s with {self.sched.num_unfinished} "
+                               f"unfinished requests: {self.sched.stats()}")
+        records = [self.records[r.request_id] for r in self.trace]
+        start = min((r.arrival_s for r in records), default=0.0)
+        end = max((r.finish_s for r in records if r.finish_s is not None), default=start)
+        return SimResult(self.policy, records, max(end - start, 1e-9), max(len(self.splits) - 1, 0),
+                         self.splits, self.sched.num_preemptions)
+
+    def _push(self, t: float, kind: int, payload: object) -> None:
+        heapq.heappush(self.events, (t, next(self._order), kind, payload))
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _handle(self, kind: int, payload) -> None:
+        if kind == _ARRIVAL:
+            self._arrive(payload)
+        elif kind == _PREFILL_DONE:
+            self.prefill_busy = None
+            self._finish_prefill(payload)
+        elif kind == _DECODE_DONE:
+            self.decode_busy = False
+            self._finish_decode(payload)
+        else:
+            self.gpu_busy = False
+            parts = [payload] if not isinstance(payload, MixedBatch) else [payload.decode, payload.prefill]
+            for batch in parts:
+                if isinstance(batch, DecodeBatch):
+                    self._finish_decode(batch)
+                elif isinstance(batch, PrefillBatch):
+                    self._finish_prefill(batch)
+
+    def _arrive(self, req: TraceRequest) -> None:
+        record = self.records[req.request_id] = RequestRecord(req.request_id, req.arrival_s, req.prompt_tokens)
+        try:
+            params = SamplingParams(max_tokens=req.output_tokens, ignore_eos=True)
+            self.sched.add(Sequence(req.request_id, [0] * req.prompt_tokens, params, req.arrival_s))
+        except ValueError as e:  # e.g. it can never fit the KV cache: the engine answers with an error
+            record.error = str(e)
+
+    def _finish_prefill(self, batch: PrefillBatch) -> None:
+        finished = []
+        for seq, last in zip(batch.seqs, batch.last):
+            if last:
+                finished.extend(self._token_out(seq))
+        self.sched.finish_prefill(batch, self.now, [0] * len(batch.seqs), finished)
+
+    def _finish_decode(self, batch: DecodeBatch) -> None:
+        finished = []
+        for seq in batch.seqs:
+            finished.extend(self._token_out(seq))
+        self.sched.finish_decode(batch, self.now, [0] * len(batch.seqs), finished)
+
+    def _token_out(self, seq: Sequence) -> list[str]:
+        """Record the token `seq` gets at this instant; [its id] if that was its last one."""
+        record = self.records[seq.seq_id]
+        record.token_times_s.append(self.now)
+        if record.first_token_s is None:
+            record.first_token_s = self.now
+        if seq.num_output_tokens + 1 < seq.params.max_tokens:
+            return []
+        record.output_tokens = seq.params.max_tokens
+        record.finish_s = self.now
+        record.success = True
+        return [seq.seq_id]
+
+    # -- launches ------------------------------------------------------------------------------
+
+    def _launch(self) -> None:
+        if self.sched.two_loops:
+            self._launch_two_loops()
+        elif not self.gpu_busy:
+            self._launch_single_loop()
+        if not self.splits or self.splits[-1][1] != self.sched.split:
+            self.splits.append((self.now, self.sched.split))
+
+    def _launch_two_loops(self) -> None:
+        model = self.model
+        if self.prefill_busy is None:
+            batch = self.sched.schedule_prefill(self.now)
+            if batch is not None:
+                ms = model.predict_prefill(batch.num_tokens, batch.prefix_tokens, batch.sms)
+                self.prefill_busy = batch
+                self._push(self.now + ms * 1e-3, _PREFILL_DONE, batch)
+        if not self.decode_busy:
+            batch = self.sched.schedule_decode(self.now)
+            if batch is not None:
+                p = self.prefill_busy
+                load = (p.num_tokens, p.prefix_tokens) if p is not None else (0, 0)
+                ms = model.predict_decode(len(batch.seqs), batch.kv_tokens, batch.sms, *load)
+                self.decode_busy = True
+                self._push(self.now + ms * 1e-3, _DECODE_DONE, batch)
+
+    def _launch_single_loop(self) -> None:
+        if self.sched.policy == "chunked":
+            batch = self.sched.schedule_mixed(self.now)
+            ms = None if batch is None else self._mixed_ms(batch)
+        else:
+            batch = self.sched.schedule_step(self.now)
+            if isinstance(batch, PrefillBatch):
+                ms = self.model.predict_prefill(batch.num_tokens, batch.prefix_tokens, self.total_sms)
+            elif batch is not None:
+                ms = self.model.predict_decode(len(batch.seqs), batch.kv_tokens, self.total_sms)
+        if batch is not None:
+            self.gpu_busy = True
+            self._push(self.now + ms * 1e-3, _STEP_DONE, batch)
+
+    def _mixed_ms(self, batch: MixedBatch) -> float:
+        m, sms, p, d = self.model, self.total_sms, batch.prefill, batch.decode
+        if p is None:
+            return m.predict_decode(len(d.seqs), d.kv_tokens, sms)
+        if d is None:
+            return m.predict_prefill(p.num_tokens, p.prefix_tokens, sms)
+        b = len(d.seqs)
+        attention = max(m.predict_decode(b, d.kv_tokens, sms) - m.predict_decode(b, 0, sms), 0.0)
+        return m.predict_prefill(p.num_tokens + b, p.prefix_tokens, sms) + attention
+
+
+# (row label, summary key, format) of the `nexus-tune simulate` table.
+_TABLE_ROWS = [
+    ("completed", "completed", "{}"),
+    ("failed", "failed", "{}"),
+    ("requests/s", "request_throughput", "{:.2f}"),
+    ("output tokens/s", "output_throughput", "{:.0f}"),
+    *[(f"{stat} {name.upper()} (ms)", f"{stat}_{name}_ms", "{:.1f}")
+      for name in ("ttft", "tpot", "itl", "e2el") for stat in ("mean", "p99")],
+    ("goodput (req/s)", "goodput", "{:.2f}"),
+    ("SLO attainment", "slo_attainment", "{:.1%}"),
+    ("preemptions", "num_preemptions", "{}"),
+    ("split switches", "split_switches", "{}"),
+]
+
+
+def default_policies(profile: Profile) -> list[str]:
+    """Every policy; the static split is the pre-created one closest to half the GPU."""
+    half = min(profile.split_sms, key=lambda s: abs(s - profile.gpu["sm_count"] / 2))
+    return ["nexus", "chunked", "prefill-first", f"static:{half}"]
+
+
+def run_simulate(args) -> int:
+    """`nexus-tune simulate`: replay one trace under each policy and compare them in one table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from nexus_tune.plan import recommended_knobs
+    from nexus_tune.profile import Profile, ProfileError
+    from nexus_tune.scheduler import parse_policy
+    from nexus_tune.workload import make_trace
+
+    console = Console()
+    try:
+        profile = Profile.load(args.profile)
+        slos = metrics.parse_slos(args.slo)
+        trace = make_trace(args.workload, args.num_prompts, args.request_rate, args.burstiness, args.seed)
+        policies = args.policy or default_policies(profile)
+        for policy in policies:
+            parse_policy(policy)
+        knobs = recommended_knobs(profile, slos)  # as `plan` does: tuned knobs, slo targets from --slo
+        results = []
+        with console.status("") as status:
+            for policy in policies:
+                status.update(f"simulating {policy} on {len(trace)} requests ...")
+                results.append(simulate(profile, trace, policy, knobs))
+    except (ProfileError, ValueError, OSError) as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        return 2
+
+    slo_text = ", ".join(f"{k} <= {v:g} ms" for k, v in slos.items()) or "none"
+    table = Table(title=f"{args.workload}: {len(trace)} requests at {args.request_rate:g} req/s "
+                        f"(burstiness {args.burstiness:g}); SLOs: {slo_text}; nexus controller: {knobs.mode} mode")
+    table.add_column("metric")
+    for result in results:
+        table.add_column(result.policy, justify="right")
+    summaries = [r.summary(slos) for r in results]
+    for label, key, fmt in _TABLE_ROWS:
+        if summaries[0].get(key) is not None:  # goodput rows only with SLOs
+            table.add_row(label, *(fmt.format(s[key]) for s in summaries))
+    console.print(table)
+    return 0

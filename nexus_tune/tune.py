@@ -1,0 +1,243 @@
+"""`nexus-tune tune`: optuna searches the controller's knobs for the highest simulated capacity.
+
+Capacity is the highest arrival rate at which 90% of requests meet the SLOs. It is found by
+a ladder (multiply the rate until attainment fails) then geometric bisection, each step one
+run of the simulator on the same requests (traces at different rates are time-scaled copies),
+with a bounded number of simulations. After the baseline, every trial starts its search at
+the best capacity so far and never looks below 40% of it: a trial that cannot reach the best
+is known to be worse after at most three simulations, and low rates are the slow ones.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+
+import optuna
+from rich.console import Console
+from rich.table import Table
+
+from nexus_tune import metrics
+from nexus_tune.bench import progress_bar
+from nexus_tune.controller import ControllerKnobs
+from nexus_tune.profile import Profile, ProfileError
+from nexus_tune.simulate import simulate
+from nexus_tune.workload import make_trace
+
+# Powers of two: the engine's prefill step sizes, and TPE handles a short ordered list well.
+CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192)
+TRIAL_BATCH = 4  # trials simulated at once (fixed, so results do not depend on the core count)
+
+
+def find_capacity(attainment: Callable[[float], float], start: float, step: float = 2.0, rel_tol: float = 0.05,
+                  max_evals: int = 10, min_rate: float = 0.0,
+                  max_rate: float = math.inf) -> tuple[float, dict[float, float]]:
+    """Highest rate with attainment >= metrics.ATTAINMENT_TARGET, assuming attainment falls with rate.
+
+    Climbs (or descends) from `start` by factors of `step` until a passing and a failing rate
+    bracket the threshold, then bisects geometrically until they are within `rel_tol`, or
+    `max_evals` calls were spent, or the descent would go below `min_rate` (low rates are the
+    slowest to simulate). The climb stops at `max_rate`. Returns (capacity, {rate: attainment});
+    capacity is 0.0 when no rate tried passed.
+    """
+    if start <= 0 or step <= 1:
+        raise ValueError(f"capacity search needs start > 0 and step > 1, got {start}, {step}")
+    tried: dict[float, float] = {}
+    good, bad = None, None  # highest passing rate, lowest failing rate
+    rate = start
+    while len(tried) < max_evals:
+        tried[rate] = attainment(rate)
+        if tried[rate] >= metrics.ATTAINMENT_TARGET:
+            good = rate
+        else:
+            bad = rate
+        if good is None:
+            rate = bad / step
+            if rate < min_rate:
+                break
+        elif bad is None:
+            if good >= max_rate:
+                break
+            rate = min(good * step, max_rate)
+        elif bad / good <= 1 + rel_tol:
+            break
+        else:
+            rate = math.sqrt(good * bad)
+    return good or 0.0, tried
+
+
+@dataclass
+class CapacityProbe:
+    """SLO attainment of one policy and knob set at a given rate, by simulation; keeps every summary."""
+
+    profile: Profile
+    workload: str
+    num_prompts: int
+    seed: int
+    slos: dict[str, float]
+    policy: str = "nexus"
+    knobs: ControllerKnobs | None = None
+    summaries: dict[float, dict] = field(default_factory=dict)
+
+    def summary(self, rate: float) -> dict:
+        if rate not in self.summaries:
+            trace = make_trace(self.workload, self.num_prompts, rate, seed=self.seed)
+            self.summaries[rate] = simulate(self.profile, trace, self.policy, self.knobs).summary(self.slos)
+        return self.summaries[rate]
+
+    def __call__(self, rate: float) -> float:
+        return self.summary(rate)["slo_attainment"]
+
+
+def search_capacity(probe: CapacityProbe, start: float, step: float = 2.0, max_evals: int = 10,
+                    min_rate: float = 0.0, max_rate: float = math.inf) -> tuple[float, dict[float, dict]]:
+    """`find_capacity` through `probe`: (capacity, {rate: summary}). A process-pool job."""
+    cap, _ = find_capacity(probe, start, step, max_evals=max_evals, min_rate=min_rate, max_rate=max_rate)
+    return cap, probe.summaries
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parallel_map(fn: Callable, jobs: list[tuple], workers: int | None = None,
+                 on_result: Callable[[], None] = lambda: None) -> list:
+    """[fn(*job) for job in jobs], in worker processes (simulations are CPU-bound Python)."""
+    workers = min(workers or default_workers(), len(jobs))
+    if workers <= 1:
+        results = []
+        for job in jobs:
+            results.append(fn(*job))
+            on_result()
+        return results
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        for _ in as_completed(futures):
+            on_result()
+        return [f.result() for f in futures]
+
+
+def rate_range(profile: Profile, workload: str, num_prompts: int, seed: int) -> tuple[float, float]:
+    """(where a capacity search starts, the rate it never exceeds), from the prefill-only bound.
+
+    The bound is the arrival rate at which the whole GPU would do nothing but prefill the
+    prompts in 2048-token chunks. No policy sustains more; a finite trace far above it can
+    still pass (a short burst fits in one batch), so the search stops at 1.5x the bound.
+    """
+    sms = profile.gpu["sm_count"]
+    chunk = 2048
+    tokens_per_s = chunk / profile.latency_model.predict_prefill(chunk, 0, sms) * 1e3
+    trace = make_trace(workload, num_prompts, 1.0, seed=seed)
+    bound = tokens_per_s * len(trace) / sum(r.prompt_tokens for r in trace)
+    return 0.5 * bound, 1.5 * bound
+
+
+def slo_knobs(slos: dict[str, float], knobs: ControllerKnobs | None = None) -> ControllerKnobs:
+    """`knobs` (default: the defaults) with the slo-mode targets set from the SLOs."""
+    knobs = knobs or ControllerKnobs()
+    return replace(knobs, ttft_ms=slos.get("ttft", knobs.ttft_ms), tbt_ms=slos.get("tpot", knobs.tbt_ms))
+
+
+def suggest_knobs(trial: optuna.Trial, slos: dict[str, float]) -> ControllerKnobs:
+    """One point of the search space; knobs a mode does not read are not suggested in it."""
+    params: dict = {
+        "mode": trial.suggest_categorical("mode", ["paper", "slo"]),
+        "delta": trial.suggest_float("delta", 0.0, 0.25),
+        "gamma": trial.suggest_float("gamma", 0.1, 300.0, log=True),
+        "prefill_chunk_tokens": trial.suggest_categorical("prefill_chunk_tokens", list(CHUNK_CHOICES)),
+    }
+    if params["mode"] == "paper":
+        params["alpha"] = trial.suggest_float("alpha", 1.0, 4.0)
+        params["beta"] = trial.suggest_float("beta", 1.0, 3.0)
+        params["kv_threshold"] = trial.suggest_float("kv_threshold", 0.3, 0.95)
+    else:
+        params["ttft_margin"] = trial.suggest_float("ttft_margin", 0.0, 0.6)
+        params["tbt_margin"] = trial.suggest_float("tbt_margin", 0.0, 0.6)
+    return slo_knobs(slos, ControllerKnobs(**params))
+
+
+def _as_params(knobs: ControllerKnobs) -> dict:
+    """The trial parameters that reproduce `knobs` (for enqueueing a known point)."""
+    keys = ["mode", "delta", "gamma", "prefill_chunk_tokens"]
+    keys += ["alpha", "beta", "kv_threshold"] if knobs.mode == "paper" else ["ttft_margin", "tbt_margin"]
+    return {k: getattr(knobs, k) for k in keys}
+
+
+def tune(profile: Profile, workload: str, slos: dict[str, float], trials: int, seed: int = 0,
+         num_prompts: int = 1000, max_sims: int = 6, workers: int | None = None,
+         on_trial: Callable[[], None] = lambda: None) -> dict:
+    """Search the knobs; the first trial is the profile's current knobs (or the defaults).
+
+    The baseline runs alone with a full search; then trials run in batches of TRIAL_BATCH, one
+    process each: TPE asks a batch, the simulations run in parallel, the results are told in
+    order, so a seed gives the same search on any number of cores. Returns {"best_knobs",
+    "best_capacity", "baseline_knobs", "baseline_capacity", "trials"}.
+    """
+    if trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {trials}")
+    baseline = slo_knobs(slos, ControllerKnobs.from_dict(profile.tuned_knobs) if profile.tuned_knobs else None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.enqueue_trial(_as_params(baseline))
+    best_cap, best_knobs = 0.0, baseline
+    start, ceiling = rate_range(profile, workload, num_prompts, seed)
+    while len(study.trials) < trials:
+        if best_cap > 0:  # start at the best so far; a trial far below it is known bad after few runs
+            size, search = TRIAL_BATCH, (best_cap, 1.5, max_sims, best_cap / 2.5, ceiling)
+        else:  # the baseline alone first (and whatever follows it while nothing passes): a full search
+            size, search = 1, (start, 2.0, 2 * max_sims, 0.0, ceiling)
+        asked = [study.ask() for _ in range(min(size, trials - len(study.trials)))]
+        knobs = [suggest_knobs(t, slos) for t in asked]
+        jobs = [(CapacityProbe(profile, workload, num_prompts, seed, slos, "nexus", k), *search) for k in knobs]
+        results = parallel_map(search_capacity, jobs, workers, on_trial)
+        for trial, k, (cap, _) in zip(asked, knobs, results):
+            study.tell(trial, cap)
+            if cap > best_cap:
+                best_cap, best_knobs = cap, k
+    return {"best_knobs": best_knobs, "best_capacity": best_cap, "baseline_knobs": baseline,
+            "baseline_capacity": study.trials[0].value, "trials": len(study.trials)}
+
+
+def knobs_table(columns: dict[str, ControllerKnobs], title: str = "Controller knobs") -> Table:
+    table = Table(title=title)
+    table.add_column("knob")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for key in ControllerKnobs().to_dict():
+        values = [getattr(k, key) for k in columns.values()]
+        table.add_row(key, *(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values))
+    return table
+
+
+def run_tune(args) -> int:
+    console = Console()
+    try:
+        slos = metrics.parse_slos(args.slo)
+        if not slos:
+            raise ValueError("--slo is empty: give ttft=MS,tpot=MS")
+        if args.trials < 1:
+            raise ValueError(f"--trials must be at least 1, got {args.trials}")
+        profile = Profile.load(args.profile)
+        make_trace(args.workload, 1, 1.0, seed=args.seed)  # a bad workload fails before any simulation
+    except (ValueError, ProfileError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    progress = progress_bar(console)
+    with progress:
+        task = progress.add_task("tuning", total=args.trials)
+        out = tune(profile, args.workload, slos, args.trials, args.seed, args.num_prompts,
+                   on_trial=lambda: progress.advance(task))
+    console.print(knobs_table({"before": out["baseline_knobs"], "tuned": out["best_knobs"]}))
+    console.print(f"Capacity under {args.slo} on {args.workload}: {out['baseline_capacity']:.3g} -> "
+                  f"{out['best_capacity']:.3g} req/s after {out['trials']} trials")
+    profile.tuned_knobs = out["best_knobs"].to_dict()
+    try:
+        profile.save(args.profile)
+    except (OSError, ProfileError) as e:
+        console.print(f"[red]error:[/red] could not write the tuned knobs: {e}")
+        return 1
+    console.print(f"Tuned knobs written to {args.profile}")
+    return 0
