@@ -1,0 +1,497 @@
+"""`LatencyModel`: step latency of prefill and decode as a function of work and SM share.
+
+Each phase's GPU time is a sum over operator classes (attention, dense). A class costs the
+larger of a compute time and a memory time (a smooth max, so the fit has gradients on both
+sides of the roofline knee), plus a fixed GPU time that SMs do not shorten (t0: per-kernel
+latency):
+
+    compute = sum_i a_i * phi_i(size, kv) / share(r; r_sat, decay)
+    memory  = sum_j b_j * psi_j(size, kv) / share(r; mem_r_sat, mem_decay) * stretch
+    gpu     = t0 + smoothmax(compute, memory) (* whole on the whole GPU)
+    step    = smoothmax(launch, gpu)
+
+`launch` is the CPU time of launching the step's kernels: an eager prefill step whose GPU work
+is shorter than its Python launch loop takes the launch time (the GPU waits for kernels), so
+the two overlap (a max), not add up. Decode runs as a CUDA graph: its launch is ~0.
+
+`share` is the two-regime saturation-decay curve: below r_sat it is r itself (time ~ c/(r*C));
+above, each extra SM is worth exp(-decay * (r - r_sat)) of one below it, so the curve
+approaches r_sat + 1/decay. The whole GPU (sms == total_sms, no partition) gets its own factor
+`whole`: cuBLAS picks kernels for the whole chip and a partition loses more than its SM share.
+
+Contention: a prefill running on the other SMs stretches decode's memory time by
+1 + sum_k gamma_k * u_k over the bandwidth the prefill draws, as work per ms of prefill step:
+its weights (1/T_p), its activations (P_T/T_p) and its attention KV streaming
+(P_T*(KV_p + P_T/2)/T_p: each query tile reads the whole prefix), plus a base term for the
+rest (L2, power). Memory-bound attention weighs in through its own gamma. The work features,
+not the fitted memory coefficients, set u_k: a compute-bound prefill leaves its memory
+coefficients unidentified, and the contention fit must not inherit that.
+
+Fitted parameters are plain attributes (`classes_`, `overhead_ms_`, `contention_`) that round-trip
+through `to_dict`/`from_dict`; `update` keeps a separate online multiplicative correction per
+phase and SM bucket (`corrections_`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from scipy.optimize import least_squares, nnls
+
+PHASES = ("prefill", "decode")
+CLASSES = ("attention", "dense")
+PARTS = ("all", *CLASSES)
+# Sharpness of the smooth max(compute, memory): 2**(1/6) = 1.12x at the knee, where neither
+# resource is fully overlapped with the other.
+SOFTMAX_P = 6.0
+# Several starting curves: the fit is non-convex in (r_sat, decay).
+_STARTS = ((0.5, 1.0, 0.3, 5.0), (0.2, 2.0, 0.15, 8.0), (0.9, 0.1, 0.5, 2.0))
+_SCOUT_NFEV, _POLISH_NFEV = 150, 600
+_R_BOUNDS = (0.02, 1.0)
+_DECAY_BOUNDS = (1e-3, 60.0)
+_LOG_COEF_BOUNDS = (-25.0, 12.0)
+_LOG_WHOLE_BOUNDS = (math.log(0.5), math.log(2.0))
+_CONTENTION_TERMS = ("base", "weights", "activations", "attention")
+
+
+@dataclass
+class Sample:
+    """One measured step: median latency of `part` of `phase` at (size, kv) on `sms` SMs.
+
+    size is P_T (prefill chunk tokens) or B_d (decode batch); kv is KV_p or KV_d. A decode sample
+    with prefill_tokens > 0 was timed while that prefill ran on the complementary SMs.
+    """
+
+    phase: str
+    part: str
+    size: int
+    kv: int
+    sms: int
+    ms: float
+    prefill_tokens: int = 0
+    prefill_kv: int = 0
+    holdout: bool = False
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES or self.part not in PARTS:
+            raise ValueError(f"sample has phase {self.phase!r} part {self.part!r}; expected {PHASES} x {PARTS}")
+        if self.size < 1 or self.kv < 0 or self.sms < 1 or not self.ms > 0:
+            raise ValueError(f"sample out of range: {self}")
+
+    @property
+    def key(self) -> tuple:
+        """What was measured (not the result): held-out and training keys must not meet."""
+        return (self.phase, self.part, self.size, self.kv, self.sms, self.prefill_tokens, self.prefill_kv)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Sample:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+# Work features per (phase, class), in thousands of tokens (millions of token pairs for
+# attention FLOPs) so coefficients are O(ms). They take numbers or numpy arrays alike.
+def _prefill_attention(n: Any, kv: Any) -> tuple[list, list]:
+    # FLOPs ~ P_T * (KV_p + P_T/2) (causal); per-token work (rope, softmax rows); KV read.
+    return [n * (kv + n / 2) / 1e6, n / 1e3], [(kv + n) / 1e3]
+
+
+def _prefill_dense(n: Any, kv: Any) -> tuple[list, list]:
+    # FLOPs linear in tokens; weights read once plus activations per token.
+    return [n / 1e3], [1.0, n / 1e3]
+
+
+def _decode_attention(b: Any, kv: Any) -> tuple[list, list]:
+    # KV_d read dominates; per-sequence work; the longest serial walk per CTA ~ KV_d / B_d.
+    return [kv / 1e3, b / 1e3, kv / b / 1e3], [kv / 1e3, b / 1e3]
+
+
+def _decode_dense(b: Any, kv: Any) -> tuple[list, list]:
+    # Weights (constant) plus a small per-sequence term; FLOPs linear in the batch.
+    return [b / 1e3], [1.0, b / 1e3]
+
+
+FEATURES: dict[tuple[str, str], Callable[[Any, Any], tuple[list, list]]] = {
+    ("prefill", "attention"): _prefill_attention,
+    ("prefill", "dense"): _prefill_dense,
+    ("decode", "attention"): _decode_attention,
+    ("decode", "dense"): _decode_dense,
+}
+
+
+class _Scalar:
+    """The numpy functions the formulas use, for plain floats (numpy scalars are 10x slower)."""
+
+    exp = staticmethod(math.exp)
+    minimum = staticmethod(min)
+    maximum = staticmethod(max)
+
+
+def share(r: Any, r_sat: float, decay: float, xp: Any = _Scalar) -> Any:
+    """Effective SM share: r below r_sat, diminishing returns with rate `decay` above."""
+    over = xp.maximum(r - r_sat, 0.0)
+    return xp.minimum(r, r_sat) + (1.0 - xp.exp(-decay * over)) / decay
+
+
+def _smooth_max(a: Any, b: Any) -> Any:
+    return (a**SOFTMAX_P + b**SOFTMAX_P) ** (1.0 / SOFTMAX_P)
+
+
+def _step(launch_ms: Any, gpu_ms: Any) -> Any:
+    """A step launched from an idle stream ends when both the CPU launch loop and the GPU work do."""
+    return _smooth_max(launch_ms, gpu_ms)
+
+
+def _phase_step(classes: dict[str, OpClass], overhead_ms: float, gpu_ms: dict[str, Any]) -> Any:
+    """The whole step: every class's launches in one loop, every class's GPU work plus `overhead_ms`."""
+    return _step(sum(classes[c].launch_ms for c in CLASSES), sum(gpu_ms[c] for c in CLASSES) + overhead_ms)
+
+
+@dataclass
+class OpClass:
+    """Fitted parameters of one operator class of one phase (times in ms)."""
+
+    compute: list[float]  # a_i: ms per work unit at SM share 1 of the linear regime
+    r_sat: float
+    decay: float
+    memory: list[float]  # b_j: ms per byte unit at bandwidth share 1 of the linear regime
+    mem_r_sat: float
+    mem_decay: float
+    t0_ms: float  # fixed GPU time, independent of the SM count
+    launch_ms: float  # CPU time to launch the class's kernels (overlaps the GPU time)
+    whole: float  # factor on the whole GPU stream against the partition curve
+
+    def gpu_ms(self, feats: tuple[list, list], r: Any, whole: Any, stretch: Any = 1.0, xp: Any = _Scalar) -> Any:
+        phi, psi = feats
+        comp = sum(a * f for a, f in zip(self.compute, phi)) / share(r, self.r_sat, self.decay, xp)
+        mem = sum(b * f for b, f in zip(self.memory, psi)) / share(r, self.mem_r_sat, self.mem_decay, xp)
+        return self.t0_ms + _smooth_max(comp, mem * stretch) * (1.0 + (self.whole - 1.0) * whole)
+
+
+@dataclass
+class _Layout:
+    """Where each OpClass parameter sits in the least-squares vector of one phase."""
+
+    phase: str
+    n_comp: dict[str, int] = field(default_factory=dict)
+    n_mem: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for cls in CLASSES:
+            phi, psi = FEATURES[(self.phase, cls)](1.0, 1.0)
+            self.n_comp[cls], self.n_mem[cls] = len(phi), len(psi)
+
+    def pack(self, classes: dict[str, OpClass], overhead: float) -> np.ndarray:
+        x: list[float] = []
+        for c in CLASSES:
+            p = classes[c]
+            x += [math.log(v) for v in p.compute] + [p.r_sat, p.decay]
+            x += [math.log(v) for v in p.memory] + [p.mem_r_sat, p.mem_decay, p.t0_ms, p.launch_ms,
+                                                    math.log(p.whole)]
+        return np.array(x + [overhead])
+
+    def unpack(self, x: Sequence[float]) -> tuple[dict[str, OpClass], float]:
+        classes, i = {}, 0
+        for c in CLASSES:
+            nc, nm = self.n_comp[c], self.n_mem[c]
+            comp = [math.exp(v) for v in x[i : i + nc]]
+            i += nc
+            r_sat, decay = x[i], x[i + 1]
+            mem = [math.exp(v) for v in x[i + 2 : i + 2 + nm]]
+            i += 2 + nm
+            classes[c] = OpClass(comp, float(r_sat), float(decay), mem, float(x[i]), float(x[i + 1]),
+                                 float(x[i + 2]), float(x[i + 3]), math.exp(x[i + 4]))
+            i += 5
+        return classes, float(x[i])
+
+    def bounds(self) -> tuple[list[float], list[float]]:
+        lo: list[float] = []
+        hi: list[float] = []
+        for c in CLASSES:
+            for n in (self.n_comp[c], self.n_mem[c]):
+                lo += [_LOG_COEF_BOUNDS[0]] * n + [_R_BOUNDS[0], _DECAY_BOUNDS[0]]
+                hi += [_LOG_COEF_BOUNDS[1]] * n + [_R_BOUNDS[1], _DECAY_BOUNDS[1]]
+            lo += [0.0, 0.0, _LOG_WHOLE_BOUNDS[0]]
+            hi += [np.inf, np.inf, _LOG_WHOLE_BOUNDS[1]]
+        return lo + [0.0], hi + [np.inf]
+
+
+@dataclass
+class _Batch:
+    """The samples of one phase as arrays, for vectorized evaluation during the fit."""
+
+    feats: dict[str, tuple[list, list]]
+    r: np.ndarray
+    whole: np.ndarray
+    part: np.ndarray
+    ms: np.ndarray
+
+    @classmethod
+    def of(cls, phase: str, samples: Sequence[Sample], total_sms: int) -> _Batch:
+        size = np.array([s.size for s in samples], dtype=float)
+        kv = np.array([s.kv for s in samples], dtype=float)
+        sms = np.array([s.sms for s in samples], dtype=float)
+        return cls(
+            feats={c: FEATURES[(phase, c)](size, kv) for c in CLASSES},
+            r=sms / total_sms,
+            whole=(sms >= total_sms).astype(float),
+            part=np.array([s.part for s in samples]),
+            ms=np.array([s.ms for s in samples], dtype=float),
+        )
+
+    def predict(self, classes: dict[str, OpClass], overhead: float) -> np.ndarray:
+        gpu = {c: classes[c].gpu_ms(self.feats[c], self.r, self.whole, xp=np) for c in CLASSES}
+        t = {c: _step(classes[c].launch_ms, gpu[c]) for c in CLASSES}
+        everything = _phase_step(classes, overhead, gpu)
+        dense_or_all = np.where(self.part == "dense", t["dense"], everything)
+        return np.where(self.part == "attention", t["attention"], dense_or_all)
+
+
+def _initial_classes(batch: _Batch, start: tuple[float, ...]) -> tuple[dict[str, OpClass], float]:
+    """Coefficients from a non-negative linear fit (sum instead of max) under a fixed starting curve."""
+    r_sat, decay, mem_r_sat, mem_decay = start
+    cols: list[np.ndarray] = []
+    owners: list[tuple[str, str]] = []  # (class, "compute" | "memory" | "t0") per column
+    for c in CLASSES:
+        in_class = (batch.part == c) | (batch.part == "all")
+        phi, psi = batch.feats[c]
+        for f in phi:
+            cols.append(np.where(in_class, f / share(batch.r, r_sat, decay, np), 0.0))
+            owners.append((c, "compute"))
+        for f in psi:
+            cols.append(np.where(in_class, f / share(batch.r, mem_r_sat, mem_decay, np), 0.0))
+            owners.append((c, "memory"))
+        cols.append(in_class.astype(float))
+        owners.append((c, "t0"))
+    cols.append((batch.part == "all").astype(float))
+    # Relative error: scale rows by 1/ms.
+    design = np.stack([np.broadcast_to(col, batch.ms.shape) for col in cols], axis=1) / batch.ms[:, None]
+    coef, _ = nnls(design, np.ones_like(batch.ms))
+    floor = 1e-6 * float(np.median(batch.ms))
+    classes = {}
+    for c in CLASSES:
+        mine = [(kind, v) for (owner, kind), v in zip(owners, coef) if owner == c]
+        # launch starts positive: the smooth max has no gradient in it at 0.
+        own = batch.ms[batch.part == c]
+        classes[c] = OpClass(
+            compute=[max(v, floor) for k, v in mine if k == "compute"], r_sat=r_sat, decay=decay,
+            memory=[max(v, floor) for k, v in mine if k == "memory"], mem_r_sat=mem_r_sat, mem_decay=mem_decay,
+            t0_ms=next(v for k, v in mine if k == "t0"), launch_ms=0.5 * float(own.min() if own.size else floor),
+            whole=1.0,
+        )
+    return classes, float(coef[-1])
+
+
+def _fit_phase(phase: str, samples: Sequence[Sample], total_sms: int) -> tuple[dict[str, OpClass], float]:
+    batch = _Batch.of(phase, samples, total_sms)
+    layout = _Layout(phase)
+    lo, hi = layout.bounds()
+    log_ms = np.log(batch.ms)
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        return np.log(batch.predict(*layout.unpack(x))) - log_ms
+
+    def solve(x0: np.ndarray, max_nfev: int) -> Any:
+        # soft_l1 at 5%: one disturbed measurement must not bend the whole curve.
+        return least_squares(residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, x_scale="jac",
+                             max_nfev=max_nfev)
+
+    # A short run from every start, then the best one run to convergence: some starts crawl.
+    tries = [solve(np.clip(layout.pack(*_initial_classes(batch, s)), lo, hi), _SCOUT_NFEV) for s in _STARTS]
+    best = min(tries, key=lambda r: r.cost)
+    return layout.unpack(solve(best.x, _POLISH_NFEV).x)
+
+
+class LatencyModel:
+    """Predicts prefill and decode step latency (ms) from work and SM count; sklearn-style `fit`."""
+
+    def __init__(self, total_sms: int, split_sms: Sequence[int] | None = None, update_rate: float = 0.1,
+                 bucket_sms: int = 16):
+        """split_sms: prefill SM counts of the splits the device allows (decode gets the rest);
+        saturation_sms searches those. None: every SM count."""
+        if total_sms < 1 or bucket_sms < 1 or not 0 < update_rate <= 1:
+            raise ValueError("total_sms and bucket_sms must be >= 1 and update_rate in (0, 1]")
+        self.total_sms = int(total_sms)
+        self.split_sms = sorted(int(p) for p in split_sms) if split_sms is not None else None
+        if self.split_sms and not 0 < self.split_sms[0] <= self.split_sms[-1] < self.total_sms:
+            raise ValueError(f"split_sms must lie strictly between 0 and {total_sms}: {self.split_sms}")
+        self.update_rate = float(update_rate)
+        self.bucket_sms = int(bucket_sms)
+        self.classes_: dict[str, dict[str, OpClass]] = {}
+        self.overhead_ms_: dict[str, float] = {}
+        self.contention_: dict[str, float] = dict.fromkeys(_CONTENTION_TERMS, 0.0)
+        self.corrections_: dict[str, dict[int, float]] = {p: {} for p in PHASES}
+
+    # -- fitting -------------------------------------------------------------------------------
+    def fit(self, samples: Iterable[Sample]) -> LatencyModel:
+        """Fit every phase on its solo samples, then the contention terms on the contended ones."""
+        samples = list(samples)
+        for phase in PHASES:
+            solo = [s for s in samples if s.phase == phase and not s.prefill_tokens]
+            if not solo:
+                raise ValueError(f"no {phase} samples to fit")
+            self.classes_[phase], self.overhead_ms_[phase] = _fit_phase(phase, solo, self.total_sms)
+        contended = [s for s in samples if s.prefill_tokens]
+        self.contention_ = self._fit_contention(contended) if contended else dict.fromkeys(_CONTENTION_TERMS, 0.0)
+        self.corrections_ = {p: {} for p in PHASES}
+        return self
+
+    def _fit_contention(self, samples: Sequence[Sample]) -> dict[str, float]:
+        pressure = np.array([self._pressure_terms(s.sms, s.prefill_tokens, s.prefill_kv) for s in samples])
+        log_ms = np.log([s.ms for s in samples])
+
+        def residuals(g: np.ndarray) -> np.ndarray:
+            stretch = 1.0 + pressure @ g
+            pred = [self._base_ms("decode", s.size, s.kv, s.sms, st) for s, st in zip(samples, stretch)]
+            return np.log(pred) - log_ms
+
+        # Terms are work per ms of prefill (~0.001-0.2), so their weights reach the hundreds.
+        res = least_squares(residuals, np.full(len(_CONTENTION_TERMS), 0.1), bounds=(0.0, 1e3), loss="soft_l1",
+                            f_scale=0.05)
+        return dict(zip(_CONTENTION_TERMS, map(float, res.x)))
+
+    # -- prediction ----------------------------------------------------------------------------
+    def _check(self, phase: str, sms: int, size: float = 1, kv: float = 0) -> None:
+        if not self.classes_:
+            raise RuntimeError("LatencyModel is not fitted: call fit(samples) or load a profile")
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
+        if not 1 <= sms <= self.total_sms:
+            raise ValueError(f"sms must be in 1..{self.total_sms}, not {sms}")
+        if not (size >= 1 and kv >= 0):
+            raise ValueError(f"a {phase} step needs size >= 1 and kv >= 0, not size {size!r} kv {kv!r}")
+
+    def _gpu_ms(self, phase: str, cls: str, size: float, kv: float, sms: int, stretch: float = 1.0) -> float:
+        feats = FEATURES[(phase, cls)](size, kv)
+        return self.classes_[phase][cls].gpu_ms(feats, sms / self.total_sms, float(sms >= self.total_sms), stretch)
+
+    def _base_ms(self, phase: str, size: float, kv: float, sms: int, stretch: float = 1.0) -> float:
+        """The fitted curve alone, without online correction."""
+        gpu = {c: self._gpu_ms(phase, c, size, kv, sms, stretch) for c in CLASSES}
+        return _phase_step(self.classes_[phase], self.overhead_ms_[phase], gpu)
+
+    def _pressure_terms(self, decode_sms: int, prefill_tokens: float, prefill_kv: float) -> list[float]:
+        """u_k of the contention terms: what a prefill on the other SMs streams per ms of its step.
+
+        With decode on every SM the two phases time-share the chip (the time-sharing backend, or
+        a controller's whole-GPU reference under the same load): the prefill is taken on every SM.
+        """
+        prefill_sms = self.total_sms - decode_sms if decode_sms < self.total_sms else self.total_sms
+        step = self._base_ms("prefill", prefill_tokens, prefill_kv, prefill_sms)
+        pairs = FEATURES[("prefill", "attention")](prefill_tokens, prefill_kv)[0][0]
+        return [1.0, 1.0 / step, prefill_tokens / 1e3 / step, pairs / step]
+
+    def _stretch(self, sms: int, prefill_tokens: float, prefill_kv: float) -> float:
+        if prefill_tokens <= 0:
+            return 1.0
+        terms = self._pressure_terms(sms, prefill_tokens, prefill_kv)
+        return 1.0 + sum(self.contention_[k] * t for k, t in zip(_CONTENTION_TERMS, terms))
+
+    def _bucket(self, sms: int) -> int:
+        # The whole GPU is its own regime; partitions share a correction within a bucket.
+        return sms if sms >= self.total_sms else sms // self.bucket_sms * self.bucket_sms
+
+    def _correction(self, phase: str, sms: int) -> float:
+        return self.corrections_[phase].get(self._bucket(sms), 1.0)
+
+    def predict_prefill(self, tokens: float, kv_prefix: float, sms: int) -> float:
+        self._check("prefill", sms, tokens, kv_prefix)
+        return self._base_ms("prefill", tokens, kv_prefix, sms) * self._correction("prefill", sms)
+
+    def predict_decode(self, batch: float, kv_tokens: float, sms: int,
+                       prefill_tokens: float = 0, prefill_kv: float = 0) -> float:
+        """Decode step on `sms` SMs; with prefill_tokens > 0, while that prefill runs on the rest."""
+        self._check("decode", sms, batch, kv_tokens)
+        stretch = self._stretch(sms, prefill_tokens, prefill_kv)
+        return self._base_ms("decode", batch, kv_tokens, sms, stretch) * self._correction("decode", sms)
+
+    def predict(self, phase: str, size: float, kv: float, sms: int, **contention: float) -> float:
+        if phase == "prefill":
+            return self.predict_prefill(size, kv, sms)
+        return self.predict_decode(size, kv, sms, **contention)
+
+    def predict_part(self, phase: str, part: str, size: float, kv: float, sms: int) -> float:
+        """One operator class alone (or "all"), as the profiler times it; no online correction."""
+        self._check(phase, sms, size, kv)
+        if part == "all":
+            return self._base_ms(phase, size, kv, sms)
+        if part not in CLASSES:
+            raise ValueError(f"part must be one of {PARTS}, not {part!r}")
+        return _step(self.classes_[phase][part].launch_ms, self._gpu_ms(phase, part, size, kv, sms))
+
+    def sm_choices(self, phase: str) -> list[int]:
+        """The SM counts `phase` can run on, ascending: its side of every split, then the whole GPU."""
+        if self.split_sms is None:
+            return list(range(1, self.total_sms + 1))
+        side = self.split_sms if phase == "prefill" else [self.total_sms - p for p in self.split_sms]
+        return sorted(side) + [self.total_sms]
+
+    def saturation_sms(self, phase: str, size: float, kv: float, within: float = 0.05) -> int:
+        """Fewest SMs whose predicted step is within `within` (0.05 = 5%) of the whole-GPU step."""
+        self._check(phase, self.total_sms)
+        limit = self.predict(phase, size, kv, self.total_sms) * (1.0 + within)
+        return next(s for s in self.sm_choices(phase) if self.predict(phase, size, kv, s) <= limit)
+
+    # -- online correction ---------------------------------------------------------------------
+    def update(self, phase: str, size: float, kv: float, sms: int, observed_ms: float,
+               prefill_tokens: float = 0, prefill_kv: float = 0) -> float:
+        """Move the correction of (phase, SM bucket) toward observed / predicted; returns the new factor.
+
+        An exponentially weighted mean in log space: `update_rate` of each new ratio, so a lone
+        outlier moves predictions little and a lasting shift is followed within ~1/update_rate steps.
+        """
+        self._check(phase, sms, size, kv)
+        if not (observed_ms > 0 and math.isfinite(observed_ms)):
+            raise ValueError(f"observed_ms must be a positive finite number, not {observed_ms!r}")
+        stretch = self._stretch(sms, prefill_tokens, prefill_kv) if phase == "decode" else 1.0
+        ratio = observed_ms / self._base_ms(phase, size, kv, sms, stretch)
+        bucket = self._bucket(sms)
+        old = self.corrections_[phase].get(bucket, 1.0)
+        new = math.exp((1.0 - self.update_rate) * math.log(old) + self.update_rate * math.log(ratio))
+        self.corrections_[phase][bucket] = new
+        return new
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def errors(self, samples: Iterable[Sample]) -> dict[str, dict[str, float]]:
+        """Relative error of whole-step predictions (part "all"): per phase, and decode under contention."""
+        groups: dict[str, list[float]] = {}
+        for s in samples:
+            if s.part != "all":
+                continue
+            kw = {"prefill_tokens": s.prefill_tokens, "prefill_kv": s.prefill_kv} if s.phase == "decode" else {}
+            stretch = self._stretch(s.sms, **kw) if kw else 1.0
+            pred = self._base_ms(s.phase, s.size, s.kv, s.sms, stretch)
+            name = "contention" if s.prefill_tokens else s.phase
+            groups.setdefault(name, []).append(abs(pred - s.ms) / s.ms)
+        return {k: {"mape_pct": 100 * float(np.mean(v)), "max_pct": 100 * float(np.max(v)), "n": len(v)}
+                for k, v in groups.items()}
+
+    # -- plain data ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_sms": self.total_sms,
+            "split_sms": self.split_sms,
+            "update_rate": self.update_rate,
+            "bucket_sms": self.bucket_sms,
+            "classes": {p: {c: asdict(op) for c, op in cl.items()} for p, cl in self.classes_.items()},
+            "overhead_ms": dict(self.overhead_ms_),
+            "contention": dict(self.contention_),
+            "corrections": {p: {str(k): v for k, v in c.items()} for p, c in self.corrections_.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatencyModel:
+        m = cls(d["total_sms"], d["split_sms"], d["update_rate"], d["bucket_sms"])
+        m.classes_ = {p: {c: OpClass(**op) for c, op in cl.items()} for p, cl in d["classes"].items()}
+        for phase in PHASES:
+            if set(m.classes_.get(phase, {})) != set(CLASSES):
+                raise ValueError(f"latency model lacks the {phase} operator classes {CLASSES}")
+        m.overhead_ms_ = {p: float(v) for p, v in d["overhead_ms"].items()}
+        m.contention_ = {k: float(d["contention"][k]) for k in _CONTENTION_TERMS}
+        m.corrections_ = {p: {int(k): float(v) for k, v in d["corrections"].get(p, {}).items()} for p in PHASES}
+        return m

@@ -1,0 +1,549 @@
+"""The SM sweep behind `nexus-tune profile`: time real model steps on every side of the splits.
+
+1. Identify the GPU, pre-create every split (green contexts), build the model runner (engine,
+   imported here and only here, lazily).
+2. A pilot step of each phase on the whole GPU warms the kernels up and calibrates a roofline
+   estimate of every step's time and the host time per point (input preparation, decode graph
+   capture). The estimate plans the grid (points too slow to be worth their time are left out;
+   SM counts are thinned if the sweep would overrun the budget) and drives the progress bar's ETA.
+3. Time each point: prefill on the prefill stream of a split with that many SMs, decode as a
+   CUDA graph captured on the decode stream (the runner captures it there); warm-up, repeats,
+   median. Per operator class (attention, dense) and whole step. Held-out points sit at SM counts
+   and sizes the fit never sees. Contention: decode graph replays timed with events while a
+   prefill runs on the complementary partition.
+4. Fit the LatencyModel on the training points, score it on the held-out ones, save the profile.
+
+Grids (H100: prefill sides 8..120 SMs, decode sides 124..12). Estimated sweep for Llama-3.1-8B
+at docs/performance.md rates and 0.15 s per graph capture (`tests/test_profiler.py` checks the
+budgets; the command adds ~15 s of loading, compiling and fitting):
+- full, ~4 min (budget 10): 11 of the 15 SM counts per phase + the whole GPU; prefill P_T
+  128/512/2048/8192 x KV_p 0/8192, decode B_d 1/8/32/128/256 x 512/4096 KV tokens per sequence,
+  each as attention, dense and whole step; held out: the other 4 SM counts x 3 off-grid sizes
+  per phase; contention at 3 splits x 4 prefills (+2 held out). Runs estimated above 1 s are
+  left out (8192-token prefills on 8-16 SMs). 677 points.
+- quick, ~72 s (budget 2 min): 5 SM counts + the whole GPU; P_T 256/1024/4096 x KV_p 0/8192;
+  B_d 1/16/64/256 x 512/4096; held out: 2 SM counts x 2 sizes per phase; contention at 2 splits
+  x 3 prefills (+1 held out); runs above 0.4 s left out. 261 points.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from nexus_tune.latency_model import PARTS, PHASES, LatencyModel, Sample, share
+from nexus_tune.profile import Profile, ProfileError, model_slug, profile_path, summary_tables
+
+WARMUP = 1
+CONTENDED_STEPS = 8  # decode steps timed inside one prefill window
+# Host time per point outside the timed runs, until the pilot measures it: random inputs of a
+# prefill; a decode graph's warm-up run and capture (two eager forwards, ~22 ms each for 8B).
+PREP_S = 0.02
+CAPTURE_S = 0.15
+# Pilot steps on the whole GPU: warm-up and roofline calibration.
+PILOT_PREFILL = (2048, 0)
+PILOT_DECODE = (64, 64 * 1024)
+BUDGET_S = {"full": 600.0, "quick": 120.0}  # whole command, load and fit included
+FIT_RESERVE_S = 10.0
+PARTITION_PENALTY = 1 / 0.85
+LAUNCH_MS_PER_LAYER = 0.65
+
+# Estimate of (phase, part, size, kv, sms) -> ms of one run.
+Cost = Callable[[str, str, int, int, int], float]
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    name: str
+    train_sms: int  # SM counts per phase the fit sees (plus the whole GPU)
+    holdout_sms: int  # further SM counts, for held-out points only
+    prefill: tuple[tuple[int, int], ...]  # (P_T, KV_p)
+    decode: tuple[tuple[int, int], ...]  # (B_d, KV tokens per sequence)
+    holdout_prefill: tuple[tuple[int, int], ...]
+    holdout_decode: tuple[tuple[int, int], ...]
+    contention_splits: tuple[float, ...]  # prefill share of the splits timed under contention
+    contention_prefill: tuple[tuple[int, int], ...]
+    contention_decode: tuple[tuple[int, int], ...]
+    holdout_contention: tuple[tuple[float, tuple[int, int], tuple[int, int]], ...]  # (share, prefill, decode)
+    max_run_ms: float  # points whose single run is estimated above this are left out
+
+
+def _product(a: Sequence[int], b: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    return tuple((x, y) for x in a for y in b)
+
+
+FULL = GridSpec(
+    name="full", train_sms=11, holdout_sms=4,
+    prefill=_product((128, 512, 2048, 8192), (0, 8192)),
+    decode=_product((1, 8, 32, 128, 256), (512, 4096)),
+    holdout_prefill=((256, 2048), (1024, 0), (4096, 4096)),
+    holdout_decode=((4, 2048), (64, 2048), (192, 1024)),
+    contention_splits=(0.25, 0.5, 0.75),
+    contention_prefill=((512, 0), (2048, 0), (2048, 8192), (8192, 0)),
+    contention_decode=((64, 2048),),
+    holdout_contention=((0.375, (1024, 4096), (32, 2048)), (0.625, (4096, 0), (128, 1024))),
+    max_run_ms=1000.0,
+)
+QUICK = GridSpec(
+    name="quick", train_sms=5, holdout_sms=2,
+    prefill=_product((256, 1024, 4096), (0, 8192)),
+    decode=_product((1, 16, 64, 256), (512, 4096)),
+    holdout_prefill=((512, 2048), (2048, 0)),
+    holdout_decode=((8, 2048), (128, 1024)),
+    contention_splits=(0.25, 0.75),
+    contention_prefill=((512, 0), (2048, 0), (2048, 8192)),
+    contention_decode=((64, 2048),),
+    holdout_contention=((0.375, (2048, 0), (32, 2048)),),
+    max_run_ms=400.0,
+)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One thing to time; a decode point with prefill_tokens > 0 is timed under that prefill."""
+
+    phase: str
+    part: str
+    size: int
+    kv: int
+    sms: int
+    prefill_tokens: int = 0
+    prefill_kv: int = 0
+    holdout: bool = False
+
+    def sample(self, ms: float) -> Sample:
+        return Sample(self.phase, self.part, self.size, self.kv, self.sms, ms, self.prefill_tokens,
+                      self.prefill_kv, self.holdout)
+
+
+def repeats(est_ms: float) -> int:
+    """Timed runs after warm-up: more for short steps, whose medians are noisier."""
+    return 5 if est_ms < 50 else 3
+
+
+@dataclass
+class Plan:
+    name: str
+    points: list[Point]
+    run_ms: list[float]  # estimated single run of each point
+    prefill_ms: list[float]  # estimated run of the concurrent prefill of a contention point (else 0)
+    dropped: int = 0  # grid points left out: too slow, or more KV than the cache holds
+    prep_s: float = PREP_S  # host time to prepare a prefill point
+    capture_s: float = CAPTURE_S  # host time to prepare and capture a decode graph
+
+    def point_seconds(self, i: int) -> float:
+        """Estimated wall time of timing point i: warm-up, repeats, graph capture, contention window."""
+        p, ms = self.points[i], self.run_ms[i]
+        if p.prefill_tokens:
+            prefill_ms = self.prefill_ms[i]
+            window = contention_window_ms(prefill_ms, ms)
+            return (2 * prefill_ms + ms + window) / 1e3 + self.capture_s + self.prep_s
+        runs = WARMUP + repeats(ms)
+        return runs * ms / 1e3 + (self.capture_s if p.phase == "decode" else self.prep_s)
+
+    def seconds(self) -> float:
+        return sum(self.point_seconds(i) for i in range(len(self.points)))
+
+    def describe(self) -> dict[str, Any]:
+        solo = [p for p in self.points if not p.prefill_tokens]
+        sms = {ph: sorted({p.sms for p in solo if p.phase == ph and not p.holdout}) for ph in PHASES}
+        held = sorted({(p.phase, p.sms) for p in solo if p.holdout})
+        return {
+            "name": self.name, "points": len(self.points),
+            "holdout_points": sum(p.holdout for p in self.points), "dropped": self.dropped,
+            "estimated_s": round(self.seconds(), 1), "prefill_sms": sms["prefill"], "decode_sms": sms["decode"],
+            "holdout_sms": [f"{ph}:{s}" for ph, s in held],
+        }
+
+
+def contention_window_ms(prefill_ms: float, decode_ms: float) -> float:
+    """How long the prefill must keep running for CONTENDED_STEPS decode steps (slowed ~1.5x) to fit."""
+    return max(prefill_ms, 1.5 * CONTENDED_STEPS * decode_ms + 2 * prefill_ms)
+
+
+def _spread(values: Sequence[int], n: int) -> list[int]:
+    """n values spread evenly over the sorted list, both ends included."""
+    values = sorted(values)
+    if n >= len(values):
+        return values
+    return sorted({values[i] for i in np.linspace(0, len(values) - 1, n).round().astype(int)})
+
+
+def plan_grid(split_sms: Sequence[int], total_sms: int, kv_capacity: int, quick: bool, cost: Cost,
+              max_seq_len: int | None = None, prep_s: float = PREP_S, capture_s: float = CAPTURE_S,
+              budget_s: float | None = None) -> Plan:
+    """The points to time, training and held-out (disjoint by construction), with estimated run times.
+
+    Points that need more KV than the cache holds, or sequences longer than max_seq_len (the
+    model's context), are left out (counted in `dropped`). With budget_s, the training SM counts
+    are thinned (down to 3 and the whole GPU) until the estimated sweep fits in it.
+    """
+    spec = QUICK if quick else FULL
+    for n in range(spec.train_sms, 2, -1):
+        plan = Plan(spec.name, [], [], [], prep_s=prep_s, capture_s=capture_s)
+        _fill(plan, replace(spec, train_sms=n), split_sms, total_sms, kv_capacity, cost, max_seq_len)
+        if budget_s is None or plan.seconds() <= budget_s:
+            break
+    return plan
+
+
+def _fill(plan: Plan, spec: GridSpec, split_sms: Sequence[int], total_sms: int, kv_capacity: int, cost: Cost,
+          max_seq_len: int | None) -> None:
+    usable_kv = int(0.9 * kv_capacity)  # the runner's KV cache also holds the step's own new tokens
+
+    def decode_kv(batch: int, ctx: int) -> int:
+        return min(batch * ctx, usable_kv)
+
+    sides = {"prefill": sorted(split_sms), "decode": sorted(total_sms - p for p in split_sms)}
+    points: list[Point] = []
+    for phase in PHASES:
+        train = _spread(sides[phase], spec.train_sms)
+        # Without spare SM counts (a small GPU), held-out points are off-grid sizes only.
+        held = _spread([s for s in sides[phase] if s not in train] or train, spec.holdout_sms)
+        grid = spec.prefill if phase == "prefill" else tuple((b, decode_kv(b, c)) for b, c in spec.decode)
+        holdout = spec.holdout_prefill if phase == "prefill" else tuple(
+            (b, decode_kv(b, c)) for b, c in spec.holdout_decode)
+        points += [Point(phase, part, n, kv, s) for s in train + [total_sms] for n, kv in grid for part in PARTS]
+        points += [Point(phase, "all", n, kv, s, holdout=True) for s in held for n, kv in holdout]
+    if split_sms:
+        def split_near(share_: float) -> int:
+            return min(split_sms, key=lambda p: (abs(p - share_ * total_sms), p))
+
+        points += [Point("decode", "all", b, decode_kv(b, c), total_sms - split_near(f), pt, pkv)
+                   for f in spec.contention_splits for pt, pkv in spec.contention_prefill
+                   for b, c in spec.contention_decode]
+        points += [Point("decode", "all", b, decode_kv(b, c), total_sms - split_near(f), pt, pkv, holdout=True)
+                   for f, (pt, pkv), (b, c) in spec.holdout_contention]
+
+    longest = max_seq_len or math.inf
+
+    def fits(p: Point) -> bool:
+        # Decode needs a KV token per sequence; a contended point holds both phases' KV at once.
+        seq = -(-p.kv // p.size) + 1 if p.phase == "decode" else p.kv + p.size
+        return ((p.kv >= p.size or p.phase == "prefill") and max(seq, p.prefill_kv + p.prefill_tokens) <= longest
+                and p.kv + p.size + p.prefill_kv + p.prefill_tokens <= kv_capacity)
+
+    for p in dict.fromkeys(points):  # ordered and unique
+        ms = cost(p.phase, p.part, p.size, p.kv, p.sms) if fits(p) else math.inf
+        if ms > spec.max_run_ms:
+            plan.dropped += 1
+            continue
+        plan.points.append(p)
+        plan.run_ms.append(ms)
+        plan.prefill_ms.append(cost("prefill", "all", p.prefill_tokens, p.prefill_kv, total_sms - p.sms)
+                               if p.prefill_tokens else 0.0)
+
+
+def split_samples(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(training, held-out) samples; refuses a held-out point that was also measured for training."""
+    train = [s for s in samples if not s.holdout]
+    held = [s for s in samples if s.holdout]
+    seen = {s.key for s in train}
+    overlap = [s.key for s in held if s.key in seen]
+    if overlap:
+        raise ValueError(f"held-out points were also trained on: {overlap[:3]}")
+    return train, held
+
+
+# -- the roofline estimate ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class RooflineCost:
+    """Rough step times from FLOPs and bytes, to plan the grid and show an ETA (never fitted on).
+
+    Rates default to what docs/performance.md measured on an H100 for Llama-3.1-8B (prefill
+    ~600 TFLOP/s, decode ~2.6 TB/s, an eager forward ~22 ms of Python launches: 0.65 ms per
+    layer); `calibrated` rescales the rates from pilot steps on this GPU.
+    """
+
+    dense_flops_per_token: float  # 2 x the weights every token multiplies through
+    attn_flops_per_pair: float  # QK^T and PV: 4 x layers x q_size per (query, key) pair
+    weight_bytes: float
+    kv_bytes_per_token: float  # K and V of every layer
+    lm_head_flops_per_row: float
+    total_sms: int
+    launch_ms: float  # eager prefill: Python launches every kernel; overlaps the GPU work
+    flops_per_ms: float = 6.0e11
+    bytes_per_ms: float = 2.6e9
+
+    @classmethod
+    def of_config(cls, config: Any, total_sms: int, dtype_bytes: int = 2) -> RooflineCost:
+        """From an engine ModelConfig (duck-typed: num_params, num_hidden_layers, q_size, kv_size, ...)."""
+        layers = config.num_hidden_layers
+        lm_head = 2 * config.hidden_size * config.vocab_size
+        return cls(
+            dense_flops_per_token=2 * config.num_params(include_embeddings=False),
+            attn_flops_per_pair=4 * layers * config.q_size,
+            weight_bytes=dtype_bytes * config.num_params(include_embeddings=True),
+            kv_bytes_per_token=2 * layers * config.kv_size * dtype_bytes,
+            lm_head_flops_per_row=lm_head,
+            total_sms=total_sms,
+            launch_ms=LAUNCH_MS_PER_LAYER * layers,
+        )
+
+    def _work(self, phase: str, part: str, size: int, kv: int) -> tuple[float, float, float]:
+        """(FLOPs, bytes, launch ms) of one step's part."""
+        if phase == "prefill":
+            attn = (self.attn_flops_per_pair * size * (kv + size / 2), self.kv_bytes_per_token * (kv + size))
+            dense = (self.dense_flops_per_token * size + self.lm_head_flops_per_row, self.weight_bytes)
+            # store_kv + attention are ~30% of a layer's launches
+            launch = self.launch_ms * {"attention": 0.3, "dense": 0.7, "all": 1.0}[part]
+        else:  # decode: every sequence reads its KV, the batch reads the weights once
+            attn = (self.attn_flops_per_pair * kv, self.kv_bytes_per_token * kv)
+            dense = (self.dense_flops_per_token * size + self.lm_head_flops_per_row * size, self.weight_bytes)
+            launch = 0.0  # a CUDA graph replay
+        chosen = {"attention": [attn], "dense": [dense], "all": [attn, dense]}[part]
+        return sum(f for f, _ in chosen), sum(b for _, b in chosen), launch
+
+    def __call__(self, phase: str, part: str, size: int, kv: int, sms: int) -> float:
+        flops, nbytes, launch = self._work(phase, part, size, kv)
+        r = sms / self.total_sms
+        # GPU-FACTS shapes: compute scales almost linearly, bandwidth saturates near half the SMs,
+        # and a partition runs ~15% slower than its share of the whole GPU.
+        penalty = 1.0 if sms >= self.total_sms else PARTITION_PENALTY
+        compute = flops / self.flops_per_ms * share(1.0, 0.25, 1.5) / share(r, 0.25, 1.5) * penalty
+        memory = nbytes / self.bytes_per_ms * share(1.0, 0.15, 6.5) / share(r, 0.15, 6.5)
+        return max(compute, memory, launch)
+
+    def calibrated(self, prefill_ms: float, decode_ms: float) -> RooflineCost:
+        """Rescale the rates so the pilot steps (PILOT_PREFILL, PILOT_DECODE on the whole GPU) match."""
+        p_flops, _, _ = self._work("prefill", "all", *PILOT_PREFILL)
+        _, d_bytes, _ = self._work("decode", "all", *PILOT_DECODE)
+        return replace(self, flops_per_ms=p_flops / prefill_ms, bytes_per_ms=d_bytes / decode_ms)
+
+
+# -- timing on the GPU -------------------------------------------------------------------------
+def _time_ms(fn: Callable[[Any], None], stream: Any, runs: int) -> list[float]:
+    """Each run from an idle stream: events bracket the launch, so CPU launch gaps count as they would in serving."""
+    import torch
+
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn(stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def _median_ms(fn: Callable[[Any], None], stream: Any, est_ms: float) -> float:
+    for _ in range(WARMUP):
+        fn(stream)
+    stream.synchronize()
+    return statistics.median(_time_ms(fn, stream, repeats(est_ms)))
+
+
+def _contended_ms(prefill: Callable[[Any], None], decode: Callable[[Any], None], split: Any,
+                  prefill_ms: float, decode_ms: float) -> float | None:
+    """Median decode step while prefills run on the other side of the split, or None if no decode
+    step landed inside the prefill window (estimates far off; the caller reports it)."""
+    import torch
+
+    ps, ds = split.prefill_stream, split.decode_stream
+    prefill(ps)
+    decode(ds)
+    torch.cuda.synchronize()
+    n_prefill = max(1, math.ceil(contention_window_ms(prefill_ms, decode_ms) / prefill_ms))
+    for _ in range(2):  # a second try with a four times longer window
+        # Decode replays are queued between the prefill launches, so they start while prefill work is
+        # pending even when launching a prefill costs the CPU about as long as running it.
+        per_prefill = math.ceil(2 * CONTENDED_STEPS / n_prefill)
+        window = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        marks = []
+        window[0].record(ps)
+        for _ in range(n_prefill):
+            prefill(ps)
+            for _ in range(per_prefill):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(ds)
+                decode(ds)
+                b.record(ds)
+                marks.append((a, b))
+        window[1].record(ps)
+        torch.cuda.synchronize()
+        inside = [a.elapsed_time(b) for a, b in marks
+                  if window[0].elapsed_time(a) >= 0 and b.elapsed_time(window[1]) >= 0]
+        if len(inside) >= 3:
+            return statistics.median(inside)
+        n_prefill *= 4
+    return None
+
+
+class Sweep:
+    """Times plan points on the streams of a SplitTable through a PhaseRunner."""
+
+    def __init__(self, runner: Any, table: Any) -> None:
+        self.runner, self.table = runner, table
+        self.total_sms = table.total_sms
+        self.by_decode_sms = {split.decode_sms: split for split in table}
+
+    def stream(self, phase: str, sms: int) -> Any:
+        if sms >= self.total_sms:
+            return self.table.whole
+        return self.table[sms].prefill_stream if phase == "prefill" else self.by_decode_sms[sms].decode_stream
+
+    def measure(self, p: Point, est_ms: float, prefill_est_ms: float = 0.0) -> float | None:
+        """Median ms of point p (None: no contended decode step could be timed)."""
+        if p.prefill_tokens:
+            split = self.by_decode_sms[p.sms]
+            prefill = self.runner.prefill_fn(p.prefill_tokens, p.prefill_kv, "all")
+            decode = self.runner.decode_fn(p.size, p.kv, "all", split.decode_stream)
+            return _contended_ms(prefill, decode, split, prefill_est_ms, est_ms)
+        stream = self.stream(p.phase, p.sms)
+        if p.phase == "prefill":
+            fn = self.runner.prefill_fn(p.size, p.kv, p.part)
+        else:
+            fn = self.runner.decode_fn(p.size, p.kv, p.part, stream)
+        return _median_ms(fn, stream, est_ms)
+
+    def run(self, plan: Plan, console: Any) -> tuple[list[Sample], list[str]]:
+        """Every point of the plan, with a progress bar whose ETA follows the estimates."""
+        import torch
+        from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        samples, skipped = [], []
+        columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*columns, console=console) as progress:
+            # The bar advances by estimated seconds, so its ETA is the estimate corrected by the pace so far.
+            task = progress.add_task("profiling", total=plan.seconds())
+            for i, p in enumerate(plan.points):
+                label = f"{p.phase} {p.part} size={p.size} kv={p.kv} on {p.sms} SMs" + (
+                    f" beside a {p.prefill_tokens}-token prefill" if p.prefill_tokens else "")
+                progress.update(task, description=f"[{i + 1}/{len(plan.points)}] {label}")
+                try:
+                    ms = self.measure(p, plan.run_ms[i], plan.prefill_ms[i])
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    ms, label = None, label + " (out of memory)"
+                if ms is None:
+                    skipped.append(label)
+                else:
+                    samples.append(p.sample(ms))
+                progress.advance(task, plan.point_seconds(i))
+        return samples, skipped
+
+
+# -- the command -------------------------------------------------------------------------------
+def _build_runner(model: str, device: int) -> tuple[Any, Any]:
+    """(PhaseRunner, ModelConfig) from the engine, imported only now: nexus_tune never needs it otherwise.
+
+    The runner sizes its KV cache as `nexus-tune serve` does by default, so kv_capacity_tokens is
+    what serving will hold.
+    """
+    from engine.model_runner import ModelRunner
+
+    try:
+        runner = ModelRunner(model, device=f"cuda:{device}")
+    except ValueError as e:  # unknown preset, unreadable checkpoint, unsupported architecture
+        raise ProfileError(f"cannot load model {model!r}: {e}") from None
+    return runner, runner.config
+
+
+@dataclass(frozen=True)
+class Pilot:
+    prefill_ms: float  # PILOT_PREFILL on the whole GPU
+    decode_ms: float  # PILOT_DECODE on the whole GPU
+    prep_s: float  # host time of prefill_fn
+    capture_s: float  # host time of decode_fn (warm-up run and graph capture)
+
+
+def _pilot(runner: Any, table: Any) -> Pilot:
+    """Whole-GPU steps of each phase: warm up (Triton compiles here), calibrate the roofline and
+    the per-point host overheads (timed on second calls, compiled already)."""
+    _median_ms(runner.prefill_fn(*PILOT_PREFILL, "all"), table.whole, 100.0)
+    _median_ms(runner.decode_fn(*PILOT_DECODE, "all", table.whole), table.whole, 100.0)
+    start = time.perf_counter()
+    prefill = runner.prefill_fn(*PILOT_PREFILL, "all")
+    prep_s = time.perf_counter() - start
+    decode = runner.decode_fn(*PILOT_DECODE, "all", table.whole)
+    capture_s = time.perf_counter() - start - prep_s
+    return Pilot(_median_ms(prefill, table.whole, 100.0), _median_ms(decode, table.whole, 100.0), prep_s, capture_s)
+
+
+def profile_model(model: str, device: int, quick: bool, console: Any) -> Profile:
+    """Measure, fit and return the profile (not yet saved). Raises ProfileError for expected failures."""
+    import torch
+
+    from nexus_tune.device import identify, software_versions
+    from nexus_tune.partition import GREEN_CONTEXTS, SplitTable
+
+    if not torch.cuda.is_available():
+        raise ProfileError(f"nexus-tune profile times model steps on an NVIDIA GPU, and torch {torch.__version__} "
+                           "sees none; run it on the GPU machine that will serve")
+    try:
+        gpu = identify(device)
+    except ValueError as e:  # no such device index
+        raise ProfileError(str(e)) from None
+    if not gpu:
+        raise ProfileError(f"no usable GPU: {gpu.reason}")
+    started = time.perf_counter()
+    with SplitTable(device, warn=False) as table:
+        if table.backend != GREEN_CONTEXTS:
+            raise ProfileError(f"the SM sweep needs disjoint SM partitions (green contexts), and this machine has "
+                               f"none: {table.fallback_reason}")
+        runner, config = _build_runner(model, device)
+        kv_capacity = int(runner.kv_capacity_tokens)
+        total = table.total_sms
+        pilot = _pilot(runner, table)
+        cost = RooflineCost.of_config(config, total).calibrated(pilot.prefill_ms, pilot.decode_ms)
+        name = "quick" if quick else "full"
+        # What is left of the budget once the model is loaded and the fit is done.
+        budget = BUDGET_S[name] - (time.perf_counter() - started) - FIT_RESERVE_S
+        plan = plan_grid(table.split_sms, total, kv_capacity, quick, cost, runner.max_model_len, pilot.prep_s,
+                         pilot.capture_s, budget)
+        console.print(f"{gpu.name}: {len(table)} splits ({table.granularity.min_partition}-SM granularity); "
+                      f"{plan.name} grid of {len(plan.points)} points on {len(plan.describe()['prefill_sms'])} "
+                      f"SM counts per phase, estimated {plan.seconds() / 60:.1f} min")
+        if plan.seconds() > budget:
+            console.print(f"[yellow]{config.name} on this GPU is slower than the {BUDGET_S[name] / 60:.0f}-min "
+                          f"budget even on the thinnest grid[/]")
+        samples, skipped = Sweep(runner, table).run(plan, console)
+        for label in skipped:
+            console.print(f"[yellow]not measured: {label}[/]")
+        train, held = split_samples(samples)
+        try:
+            latency_model = LatencyModel(total, table.split_sms).fit(train)
+        except ValueError as e:  # a whole phase failed to measure
+            raise ProfileError(f"cannot fit the latency model: {e}") from None
+        grid = plan.describe() | {"measured_s": round(time.perf_counter() - started, 1), "skipped": skipped,
+                                  "pilot": {k: round(v, 4) for k, v in asdict(pilot).items()}}
+        return Profile(
+            gpu=gpu.to_dict(), software=software_versions(),
+            model={"name": config.name, "slug": model_slug(config.name), "config_hash": config.config_hash()},
+            backend=table.backend, granularity=table.granularity.to_dict(), split_sms=table.split_sms,
+            kv_capacity_tokens=kv_capacity, latency_model=latency_model, samples=samples,
+            fit_error=latency_model.errors(held), grid=grid,
+        )
+
+
+def run_profile(args: Any) -> int:
+    from rich.console import Console
+
+    console, errors = Console(), Console(stderr=True)
+    if not args.model:
+        errors.print("[bold red]error:[/] say which model: nexus-tune profile --model PRESET|CHECKPOINT_FOLDER")
+        return 2
+    try:
+        profile = profile_model(args.model, args.device, args.quick, console)
+    except ProfileError as e:
+        errors.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        errors.print("interrupted: no profile written")
+        return 130
+    path = profile.save(profile_path(profile.gpu["slug"], profile.model["name"], args.out))
+    for table in summary_tables(profile):
+        console.print(table)
+    for phase, e in profile.fit_error.items():
+        if e["mape_pct"] > 10:
+            console.print(f"[yellow]{phase}: held-out error {e['mape_pct']:.1f}% is above the 10% target[/]")
+    console.print(f"wrote {path} (nexus-tune profile show {path} --plot curves.png draws it)")
+    return 0

@@ -1,0 +1,181 @@
+"""LatencyModel: fit synthetic samples drawn from known parameters back, predict unseen points,
+correct online, round-trip as plain data."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nexus_tune.latency_model import LatencyModel, OpClass, Sample, share
+from nexus_tune.profile import synthetic_latency_model, synthetic_profile
+from nexus_tune.profiler import split_samples
+
+TOTAL = 132
+
+
+@pytest.fixture(scope="module")
+def truth() -> LatencyModel:
+    return synthetic_latency_model(TOTAL, 8)
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return synthetic_profile(TOTAL, 8, noise=0.02, seed=0, quick=False)
+
+
+@pytest.fixture(scope="module")
+def fitted(profile) -> LatencyModel:
+    train, _ = split_samples(profile.samples)
+    return LatencyModel(TOTAL, profile.split_sms).fit(train)
+
+
+def _random_points(rng: np.random.Generator, model: LatencyModel, n: int):
+    """Unseen (P_T, KV_p) / (B_d, KV_d) points inside the profiled ranges, on allowed SM counts."""
+    for _ in range(n):
+        if rng.random() < 0.5:
+            size, kv = int(rng.integers(128, 8193)), int(rng.integers(0, 8193))
+            yield "prefill", size, kv, int(rng.choice(model.sm_choices("prefill")))
+        else:
+            size = int(rng.integers(1, 257))
+            kv = min(size * int(rng.integers(512, 4097)), 360_000)
+            yield "decode", size, kv, int(rng.choice(model.sm_choices("decode")))
+
+
+def test_fit_predicts_unseen_points_within_tolerance(truth, fitted):
+    rng = np.random.default_rng(1)
+    rel = [abs(fitted.predict(ph, n, kv, s) / truth.predict(ph, n, kv, s) - 1)
+           for ph, n, kv, s in _random_points(rng, fitted, 400)]
+    assert np.mean(rel) < 0.02
+    assert np.max(rel) < 0.10
+
+
+def test_fit_recovers_identifiable_parameters(truth, fitted):
+    for phase, cls, name, tol in [("prefill", "dense", "whole", 0.03), ("prefill", "dense", "launch_ms", 0.5),
+                                  ("decode", "dense", "mem_r_sat", 0.03), ("decode", "dense", "r_sat", 0.05)]:
+        want = getattr(truth.classes_[phase][cls], name)
+        got = getattr(fitted.classes_[phase][cls], name)
+        assert got == pytest.approx(want, abs=tol), (phase, cls, name)
+    # r_sat and decay of a compute-bound class trade off against its coefficient; the shape they
+    # give, the speedup from one SM count to another, is what the data pins down.
+    for lo, hi in [(16, 64), (16, 120), (64, 120)]:
+        speedup = [m.predict_part("prefill", "dense", 4096, 0, lo) / m.predict_part("prefill", "dense", 4096, 0, hi)
+                   for m in (truth, fitted)]
+        assert speedup[1] == pytest.approx(speedup[0], rel=0.03)
+
+
+def test_heldout_error_is_scored_on_points_the_fit_never_saw(profile, fitted):
+    train, held = split_samples(profile.samples)
+    assert held and not {s.key for s in train} & {s.key for s in held}
+    errors = fitted.errors(held)
+    assert set(errors) == {"prefill", "decode", "contention"}
+    assert sum(e["n"] for e in errors.values()) == sum(s.part == "all" for s in held)
+    for group in errors.values():
+        assert group["mape_pct"] < 6.0  # noise is 2%
+
+
+def test_split_samples_refuses_a_heldout_point_also_trained_on():
+    a = Sample("prefill", "all", 512, 0, 64, 10.0)
+    b = Sample("prefill", "all", 512, 0, 64, 10.5, holdout=True)
+    with pytest.raises(ValueError, match="held-out"):
+        split_samples([a, b])
+
+
+def test_one_disturbed_sample_does_not_bend_the_fit(profile, truth):
+    train, held = split_samples(profile.samples)
+    i = next(i for i, s in enumerate(train) if s.phase == "decode" and s.part == "all" and s.sms == 60)
+    train[i] = Sample(**{**train[i].to_dict(), "ms": train[i].ms * 3})
+    model = LatencyModel(TOTAL, profile.split_sms).fit(train)
+    assert model.errors(held)["decode"]["mape_pct"] < 6.0
+
+
+def test_saturation_points_follow_the_gpu_facts(truth, fitted):
+    # Decode saturates near 48-64 SMs; a partition never gets prefill within 5% of the whole GPU.
+    assert 48 <= truth.saturation_sms("decode", 64, 131072) <= 80
+    assert abs(fitted.saturation_sms("decode", 64, 131072) - truth.saturation_sms("decode", 64, 131072)) <= 8
+    assert fitted.saturation_sms("prefill", 2048, 0) == TOTAL
+    assert fitted.saturation_sms("prefill", 2048, 0, within=0.5) < TOTAL
+    assert fitted.saturation_sms("decode", 8, 16384) in fitted.sm_choices("decode")
+
+
+def test_more_sms_never_slow_a_partition_down(fitted):
+    for phase, size, kv in [("prefill", 512, 0), ("prefill", 4096, 8192), ("decode", 1, 512), ("decode", 256, 300000)]:
+        ms = [fitted.predict(phase, size, kv, s) for s in fitted.sm_choices(phase)[:-1]]
+        assert all(b <= a * 1.0001 for a, b in zip(ms, ms[1:])), (phase, size, kv)
+
+
+def test_contention_slows_decode_more_for_heavier_prefill(fitted):
+    alone = fitted.predict_decode(64, 131072, 68)
+    light = fitted.predict_decode(64, 131072, 68, prefill_tokens=256, prefill_kv=0)
+    heavy = fitted.predict_decode(64, 131072, 68, prefill_tokens=2048, prefill_kv=8192)
+    assert alone < light and alone < heavy
+    # Decode on every SM beside a prefill: the time-sharing convention, still a slowdown.
+    assert fitted.predict_decode(64, 131072, TOTAL, prefill_tokens=2048) > fitted.predict_decode(64, 131072, TOTAL)
+
+
+def test_update_moves_predictions_toward_observations(truth):
+    model = LatencyModel.from_dict(truth.to_dict())
+    before = model.predict_decode(32, 65536, 60)
+    target = 1.5 * before
+    previous = before
+    for _ in range(60):
+        model.update("decode", 32, 65536, 60, target)
+        now = model.predict_decode(32, 65536, 60)
+        assert previous <= now <= target * 1.0001
+        previous = now
+    assert now == pytest.approx(target, rel=0.01)
+    # Same bucket (48..63) moves, other buckets, the whole GPU and the other phase do not.
+    assert model.predict_decode(32, 65536, 52) > truth.predict_decode(32, 65536, 52) * 1.4
+    assert model.predict_decode(32, 65536, 68) == truth.predict_decode(32, 65536, 68)
+    assert model.predict_decode(32, 65536, TOTAL) == truth.predict_decode(32, 65536, TOTAL)
+    assert model.predict_prefill(512, 0, 56) == truth.predict_prefill(512, 0, 56)
+
+
+def test_update_under_contention_corrects_the_contended_prediction(truth):
+    model = LatencyModel.from_dict(truth.to_dict())
+    contended = model.predict_decode(64, 131072, 68, 2048, 0)
+    model.update("decode", 64, 131072, 68, contended, prefill_tokens=2048)  # exactly as predicted
+    assert model.corrections_["decode"][64] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+def test_update_rejects_meaningless_observations(truth, bad):
+    model = LatencyModel.from_dict(truth.to_dict())
+    with pytest.raises(ValueError, match="observed_ms"):
+        model.update("prefill", 512, 0, 64, bad)
+
+
+def test_round_trip_through_plain_json(fitted):
+    fitted_copy = LatencyModel.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    fitted_copy.update("prefill", 2048, 0, 64, 100.0)
+    again = LatencyModel.from_dict(json.loads(json.dumps(fitted_copy.to_dict())))
+    for phase, size, kv, sms in [("prefill", 2048, 0, 64), ("decode", 8, 4096, 20), ("prefill", 300, 100, TOTAL)]:
+        assert again.predict(phase, size, kv, sms) == fitted_copy.predict(phase, size, kv, sms)
+    assert again.predict_decode(64, 131072, 68, 2048, 0) == fitted_copy.predict_decode(64, 131072, 68, 2048, 0)
+    assert isinstance(again.classes_["decode"]["attention"], OpClass)
+
+
+def test_misuse_is_a_clear_error(fitted):
+    with pytest.raises(RuntimeError, match="not fitted"):
+        LatencyModel(TOTAL).predict_prefill(512, 0, 64)
+    with pytest.raises(ValueError, match="sms"):
+        fitted.predict_prefill(512, 0, TOTAL + 1)
+    with pytest.raises(ValueError, match="size >= 1"):
+        fitted.predict_decode(0, 0, 64)
+    with pytest.raises(ValueError, match="phase"):
+        fitted.saturation_sms("train", 1, 1)
+    with pytest.raises(ValueError, match="phase"):
+        Sample("train", "all", 1, 0, 8, 1.0)
+    with pytest.raises(ValueError, match="no decode samples"):
+        LatencyModel(TOTAL).fit([Sample("prefill", "all", 512, 0, 64, 10.0)])
+    with pytest.raises(ValueError, match="split_sms"):
+        LatencyModel(TOTAL, split_sms=[0, 64])
+
+
+def test_share_curve_has_two_regimes():
+    r = np.linspace(0.01, 1.0, 100)
+    s = share(r, 0.3, 4.0, np)
+    assert np.allclose(s[r <= 0.3], r[r <= 0.3])  # linear: time ~ c / (r C)
+    gains = np.diff(s[r > 0.3])
+    assert np.all(gains > 0) and np.all(np.diff(gains) < 0)  # diminishing returns
+    assert s[-1] < 0.3 + 1 / 4.0
+    assert share(0.5, 0.3, 4.0) == pytest.approx(float(share(np.array(0.5), 0.3, 4.0, np)))

@@ -1,0 +1,157 @@
+"""Profile files: round trip, every refusal with the command that makes the right file,
+synthetic profiles kept out of profiles/, and `nexus-tune profile show`."""
+import json
+from pathlib import Path
+
+import pytest
+
+from nexus_tune.cli import main
+from nexus_tune.device import DeviceInfo
+from nexus_tune.profile import (_REPO_PROFILES, SCHEMA_VERSION, Profile, ProfileError, model_slug, profile_path,
+                                synthetic_profile)
+
+MAKE = "nexus-tune profile --model llama-3.1-8b"
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> Profile:
+    return synthetic_profile(132, 8, config_hash="abc123")
+
+
+@pytest.fixture
+def saved(synthetic, tmp_path) -> Path:
+    return synthetic.save(profile_path(synthetic.gpu["slug"], "llama-3.1-8b", tmp_path / "profiles"))
+
+
+def _device(synthetic: Profile, **changes) -> DeviceInfo:
+    return DeviceInfo.from_dict({**synthetic.gpu, **changes})
+
+
+def _rewrite(path: Path, edit) -> Path:
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_save_load_round_trip(synthetic, saved):
+    assert saved.name == "llama-3.1-8b.json" and saved.parent.name == synthetic.gpu["slug"]
+    loaded = Profile.load(saved, expect_gpu=_device(synthetic), expect_model_hash="abc123")
+    assert loaded.to_dict() == json.loads(json.dumps(synthetic.to_dict()))
+    assert loaded.samples == synthetic.samples
+    for point in [("prefill", 2048, 0, 64), ("decode", 64, 131072, 68), ("decode", 1, 100, 132)]:
+        assert loaded.latency_model.predict(*point) == synthetic.latency_model.predict(*point)
+    assert not list(saved.parent.glob("*.tmp"))  # the atomic write left nothing behind
+
+
+def test_tuned_knobs_survive_a_round_trip(synthetic, tmp_path):
+    knobs = {"mode": "slo", "alpha": 1.2, "tbt_ms": 40.0}
+    path = tmp_path / "p.json"
+    Profile(**{**synthetic.__dict__, "tuned_knobs": knobs}).save(path)
+    assert Profile.load(path).tuned_knobs == knobs
+
+
+def test_the_profile_carries_what_other_parts_read(synthetic, saved):
+    raw = json.loads(saved.read_text())
+    assert raw["synthetic"] is True and raw["schema_version"] == SCHEMA_VERSION
+    for key in ("gpu", "software", "model", "granularity", "split_sms", "kv_capacity_tokens", "samples",
+                "latency_model", "fit_error", "created", "tuned_knobs", "grid"):
+        assert key in raw
+    assert raw["split_sms"] == list(range(8, 121, 8))
+    assert raw["gpu"]["sm_count"] == 132 and raw["model"]["config_hash"] == "abc123"
+    assert set(raw["fit_error"]) == {"prefill", "decode", "contention"}
+
+
+def test_synthetic_profile_reproduces_gpu_facts(synthetic):
+    m = synthetic.latency_model
+    for sms, want in [(16, 314), (64, 88), (112, 64), (128, 57), (132, 46.5)]:
+        assert m.predict_prefill(2048, 0, sms) == pytest.approx(want, rel=0.08)
+    for sms, want in [(16, 28.8), (32, 15.9), (64, 12.5), (132, 12.0)]:
+        assert m.predict_decode(64, 131072, sms) == pytest.approx(want, rel=0.08)
+    slowdown = m.predict_decode(64, 131072, 68, 2048, 0) / m.predict_decode(64, 131072, 68)
+    assert 1.15 < slowdown < 1.5  # GPU-FACTS: about +30% beside a prefill
+
+
+def test_synthetic_profile_scales_and_fits_other_gpus():
+    small = synthetic_profile(total_sms=40, granularity=8, scale=0.4, noise=0.0)
+    assert small.split_sms == [8, 16, 24, 32] and small.latency_model.total_sms == 40
+    big = synthetic_profile(total_sms=40, granularity=8, noise=0.0)
+    assert small.latency_model.predict_prefill(1024, 0, 16) == pytest.approx(
+        0.4 * big.latency_model.predict_prefill(1024, 0, 16))
+    assert small.fit_error["decode"]["mape_pct"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_synthetic_profile_is_never_written_under_profiles(synthetic):
+    target = _REPO_PROFILES / "synthetic-132sm" / "llama-3.1-8b.json"
+    with pytest.raises(ProfileError, match="synthetic"):
+        synthetic.save(target)
+    assert not target.exists()
+
+
+def test_refuses_another_gpu(synthetic, saved):
+    with pytest.raises(ProfileError, match="not on this NVIDIA A100") as e:
+        Profile.load(saved, expect_gpu=_device(synthetic, name="NVIDIA A100", slug="a100-sxm4-80gb", sm_count=108))
+    assert MAKE in str(e.value)
+
+
+def test_refuses_another_model(saved):
+    with pytest.raises(ProfileError, match="not for this model") as e:
+        Profile.load(saved, expect_model_hash="ffff0000")
+    assert "nexus-tune profile --model" in str(e.value)
+
+
+def test_refuses_a_newer_schema(saved):
+    _rewrite(saved, lambda raw: raw.update(schema_version=SCHEMA_VERSION + 1))
+    with pytest.raises(ProfileError, match="newer") as e:
+        Profile.load(saved)
+    assert "upgrade nexus-tune" in str(e.value) and MAKE in str(e.value)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p.write_text(p.read_text()[: len(p.read_text()) // 2]),  # truncated
+    lambda p: p.write_bytes(b"\xff\xfe\x00garbage"),  # not text
+    lambda p: p.write_text("[1, 2, 3]"),  # not an object
+    lambda p: _rewrite(p, lambda raw: raw.pop("schema_version")),
+    lambda p: _rewrite(p, lambda raw: raw.pop("latency_model")),
+    lambda p: _rewrite(p, lambda raw: raw["gpu"].pop("slug")),
+    lambda p: _rewrite(p, lambda raw: raw.update(samples=[{"phase": "prefill"}])),
+    lambda p: _rewrite(p, lambda raw: raw["latency_model"]["classes"].pop("decode")),
+    lambda p: _rewrite(p, lambda raw: raw.update(split_sms="all")),
+    lambda p: _rewrite(p, lambda raw: raw.update(model="llama")),
+    lambda p: _rewrite(p, lambda raw: raw["gpu"].update(sm_count="132")),
+])
+def test_refuses_a_corrupt_file(saved, damage):
+    damage(saved)
+    with pytest.raises(ProfileError) as e:
+        Profile.load(saved)
+    assert "nexus-tune profile --model llama-3.1-8b" in str(e.value)
+    assert "remake" in str(e.value)
+
+
+def test_refuses_a_missing_file(tmp_path):
+    with pytest.raises(ProfileError, match="no profile at") as e:
+        Profile.load(tmp_path / "h100-80gb-hbm3" / "qwen2.5-3b.json")
+    assert f"nexus-tune profile --model qwen2.5-3b --out {tmp_path}" in str(e.value)
+
+
+def test_paths_and_slugs():
+    assert model_slug("llama-3.1-8b") == "llama-3.1-8b"
+    assert model_slug("/models/Meta-Llama-3.1-8B-Instruct/") == "meta-llama-3.1-8b-instruct"
+    assert profile_path("h100-80gb-hbm3", "Qwen2.5-3B") == Path("profiles/h100-80gb-hbm3/qwen2.5-3b.json")
+
+
+def test_show_prints_tables_and_writes_a_png(saved, tmp_path, capsys):
+    png = tmp_path / "plots" / "curves.png"
+    assert main(["profile", "show", str(saved), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    for text in ("SYNTHETIC", "Fit error on held-out points", "Saturation", "Operator classes", "wrote"):
+        assert text in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_refuses_a_bad_file_with_exit_code_2(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["profile", "show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable profile" in err and "nexus-tune profile --model bad" in err
