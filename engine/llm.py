@@ -294,7 +294,9 @@ def load_profile(profile: Profile | str | Path | None, model: str, device: torch
 def _sm_layout(table: SplitTable, profile: Profile | None) -> tuple[int, list[int]]:
     """(total SMs, prefill SM counts of the splits) the scheduler and controller reason with."""
     if table.backend == GREEN_CONTEXTS:
-        return table.total_sms, table.split_sms
+        # The profile lists the splits whose both sides ran every kernel when it was measured.
+        usable = set(profile.split_sms) if profile is not None else set(table.split_sms)
+        return table.total_sms, [p for p in table.split_sms if p in usable]
     if profile is not None:
         return int(profile.gpu["sm_count"]), list(profile.split_sms)
     total = table.total_sms or NOMINAL_SMS

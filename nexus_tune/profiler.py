@@ -375,6 +375,28 @@ def _contended_ms(prefill: Callable[[Any], None], decode: Callable[[Any], None],
     return None
 
 
+def _check_gpu_alive(error: RuntimeError) -> None:
+    """After a kernel failure: go on only if the CUDA context still runs work (the error was not sticky)."""
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        (torch.ones(16, device="cuda") * 2).sum().item()
+    except RuntimeError:
+        raise ProfileError(f"a kernel failed and left the GPU unusable, so the sweep stops: {error}") from None
+
+
+def usable_splits(split_sms: Sequence[int], total_sms: int, min_partition: int) -> list[int]:
+    """The splits the profile offers the controller.
+
+    The decode side of a split is the driver's remainder group, not an aligned group. On the H100
+    (2026-11-23) a 12-SM remainder made cuBLAS fail a batch-1 GEMM with CUBLAS_STATUS_EXECUTION_FAILED,
+    so a remainder must hold at least two minimum partitions; decode that small would also be over
+    twice as slow as on 24 SMs, so the controller loses nothing.
+    """
+    return [p for p in split_sms if total_sms - p >= 2 * min_partition]
+
+
 class Sweep:
     """Times plan points on the streams of a SplitTable through a PhaseRunner."""
 
@@ -382,6 +404,7 @@ class Sweep:
         self.runner, self.table = runner, table
         self.total_sms = table.total_sms
         self.by_decode_sms = {split.decode_sms: split for split in table}
+        self.failed: dict[tuple[str, int], str] = {}  # (phase, SMs) whose kernels the GPU refused to run
 
     def stream(self, phase: str, sms: int) -> Any:
         if sms >= self.total_sms:
@@ -419,10 +442,14 @@ class Sweep:
                     f" beside a {p.prefill_tokens}-token prefill" if p.prefill_tokens else "")
                 progress.update(task, description=f"[{i + 1}/{len(plan.points)}] {label}")
                 try:
-                    ms = self.measure(p, plan.run_ms[i], plan.prefill_ms[i])
+                    ms = None if (p.phase, p.sms) in self.failed else self.measure(p, plan.run_ms[i], plan.prefill_ms[i])
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     ms, label = None, label + " (out of memory)"
+                except RuntimeError as e:
+                    _check_gpu_alive(e)
+                    self.failed[(p.phase, p.sms)] = str(e).splitlines()[0]
+                    ms, label = None, label + f" (failed: {self.failed[(p.phase, p.sms)]})"
                 if ms is None:
                     skipped.append(label)
                 else:
@@ -497,7 +524,8 @@ def profile_model(model: str, device: int, quick: bool, console: Any) -> Profile
         name = "quick" if quick else "full"
         # What is left of the budget once the model is loaded and the fit is done.
         budget = BUDGET_S[name] - (time.perf_counter() - started) - FIT_RESERVE_S
-        plan = plan_grid(table.split_sms, total, kv_capacity, quick, cost, runner.max_model_len, pilot.prep_s,
+        split_sms = usable_splits(table.split_sms, total, table.granularity.min_partition)
+        plan = plan_grid(split_sms, total, kv_capacity, quick, cost, runner.max_model_len, pilot.prep_s,
                          pilot.capture_s, budget)
         console.print(f"{gpu.name}: {len(table)} splits ({table.granularity.min_partition}-SM granularity); "
                       f"{plan.name} grid of {len(plan.points)} points on {len(plan.describe()['prefill_sms'])} "
@@ -505,12 +533,16 @@ def profile_model(model: str, device: int, quick: bool, console: Any) -> Profile
         if plan.seconds() > budget:
             console.print(f"[yellow]{config.name} on this GPU is slower than the {BUDGET_S[name] / 60:.0f}-min "
                           f"budget even on the thinnest grid[/]")
-        samples, skipped = Sweep(runner, table).run(plan, console)
+        sweep = Sweep(runner, table)
+        samples, skipped = sweep.run(plan, console)
+        # A split whose side failed is no split the engine may pick.
+        split_sms = [p for p in split_sms if ("prefill", p) not in sweep.failed
+                     and ("decode", total - p) not in sweep.failed]
         for label in skipped:
             console.print(f"[yellow]not measured: {label}[/]")
         train, held = split_samples(samples)
         try:
-            latency_model = LatencyModel(total, table.split_sms).fit(train)
+            latency_model = LatencyModel(total, split_sms).fit(train)
         except ValueError as e:  # a whole phase failed to measure
             raise ProfileError(f"cannot fit the latency model: {e}") from None
         grid = plan.describe() | {"measured_s": round(time.perf_counter() - started, 1), "skipped": skipped,
@@ -518,7 +550,7 @@ def profile_model(model: str, device: int, quick: bool, console: Any) -> Profile
         return Profile(
             gpu=gpu.to_dict(), software=software_versions(),
             model={"name": config.name, "slug": model_slug(config.name), "config_hash": config.config_hash()},
-            backend=table.backend, granularity=table.granularity.to_dict(), split_sms=table.split_sms,
+            backend=table.backend, granularity=table.granularity.to_dict(), split_sms=split_sms,
             kv_capacity_tokens=kv_capacity, latency_model=latency_model, samples=samples,
             fit_error=latency_model.errors(held), grid=grid,
         )

@@ -139,3 +139,11 @@ def test_quick_profile_of_a_small_model_on_a_gpu(tmp_path, capsys):
     assert set(profile.fit_error) == {"prefill", "decode", "contention"}
     assert not profile.grid["skipped"]
     assert "Saturation" in capsys.readouterr().out
+
+
+def test_usable_splits_keep_two_minimum_partitions_on_the_remainder_side():
+    from nexus_tune.profiler import usable_splits
+
+    splits = list(range(8, 121, 8))
+    assert usable_splits(splits, 132, 8) == list(range(8, 113, 8))  # 120 would leave decode 12 SMs
+    assert usable_splits([2, 4, 74, 76], 78, 2) == [2, 4, 74]
