@@ -18,9 +18,9 @@ def constraints_met(knobs: ControllerKnobs, s: StepState, p: int) -> list[bool]:
     kv_p, kv_d = quantize_kv(s.prefill_kv), quantize_kv(s.decode_kv)
     if knobs.mode == "paper":
         if s.kv_usage <= knobs.kv_threshold:
-            ref = MODEL.predict_decode(s.decode_batch, kv_d, TOTAL)
+            ref = MODEL.predict_decode(s.decode_batch, kv_d, TOTAL - min(SPLITS))  # decode's largest side
             return [MODEL.predict_decode(s.decode_batch, kv_d, d) <= knobs.beta * ref]
-        ref = MODEL.predict_prefill(s.prefill_tokens, kv_p, TOTAL)
+        ref = MODEL.predict_prefill(s.prefill_tokens, kv_p, max(SPLITS))  # prefill's largest side
         return [MODEL.predict_prefill(s.prefill_tokens, kv_p, p) <= knobs.alpha * ref]
     tbt = MODEL.predict_decode(s.decode_batch, kv_d, d, s.prefill_tokens, kv_p)
     drain = math.ceil(s.queued_prefill_tokens / s.prefill_tokens) * MODEL.predict_prefill(s.prefill_tokens, kv_p, p)
@@ -131,9 +131,10 @@ def test_paper_mode_switches_to_decode_first_above_the_kv_threshold():
     decode_first = Controller(MODEL, SPLITS, TOTAL, knobs).decide(
         StepState(8192, 2048, 0, 128, 128 * 4096, 0.9, 0.0))
     # decode-first meets alpha on prefill only; prefill-first gives decode just what beta needs
-    assert MODEL.predict_prefill(2048, 0, decode_first) <= 1.3 * MODEL.predict_prefill(2048, 0, TOTAL)
+    # (each against the phase's largest side of any split)
+    assert MODEL.predict_prefill(2048, 0, decode_first) <= 1.3 * MODEL.predict_prefill(2048, 0, max(SPLITS))
     assert MODEL.predict_decode(128, 128 * 4096, TOTAL - prefill_first) <= 1.1 * MODEL.predict_decode(
-        128, 128 * 4096, TOTAL)
+        128, 128 * 4096, TOTAL - min(SPLITS))
     assert prefill_first != decode_first
 
 
