@@ -34,7 +34,7 @@ import torch
 
 from engine.loader import resolve_config
 from engine.loops import LoopContext, Placement, StepLog, StepRecord, make_loops
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, resolve_device
 from engine.sampling import check_stop
 from nexus_tune.block_manager import BlockManager
 from nexus_tune.controller import ControllerKnobs
@@ -240,18 +240,6 @@ class OutputProcessor:
 
 # -- the engine --------------------------------------------------------------------------------
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    """A concrete device; CUDA with its index (torch.cuda.set_device refuses a bare "cuda")."""
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type != "cuda":
-        return device
-    if not torch.cuda.is_available():
-        raise EngineError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU; use device='cpu'")
-    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-
-
 def _default_profile_path(gpu_slug: str, config_name: str) -> Path:
     """profiles/<gpu-slug>/<model-slug>.json under the working directory, else under the repository."""
     path = profile_path(gpu_slug, config_name)
@@ -327,7 +315,7 @@ class EngineCore:
             name, _ = parse_policy(policy)
             two_loops = name in ("nexus", "static")
             self.policy = policy
-            self.device = _resolve_device(device)
+            self.device = resolve_device(device)
             cuda = self.device.type == "cuda"
             self.profile = load_profile(profile, model, self.device) if name == "nexus" else None
             if knobs is None and self.profile is not None and self.profile.tuned_knobs:

@@ -100,7 +100,7 @@ class ModelRunner:
         """
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -414,7 +414,7 @@ class ModelRunner:
             attend(q, k_cache, v_cache, meta, scale, self.backend)
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' -> the current CUDA device if there is one, else the CPU; CUDA devices get their index."""
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -431,10 +431,14 @@ class LatencyModel:
         side = self.split_sms if phase == "prefill" else [self.total_sms - p for p in self.split_sms]
         return sorted(side) + [self.total_sms]
 
-    def saturation_sms(self, phase: str, size: float, kv: float, within: float = 0.05) -> int:
-        """Fewest SMs whose predicted step is within `within` (0.05 = 5%) of the whole-GPU step."""
-        self._check(phase, self.total_sms)
-        limit = self.predict(phase, size, kv, self.total_sms) * (1.0 + within)
+    def saturation_sms(self, phase: str, size: float, kv: float, within: float = 0.05,
+                       reference_sms: int | None = None) -> int:
+        """Fewest SMs whose predicted step is within `within` (0.05 = 5%) of the step on
+        `reference_sms` (default: the whole GPU; a partition's largest side says where SMs stop
+        paying inside a split, since a partition can run slower than the whole-GPU stream)."""
+        reference_sms = reference_sms or self.total_sms
+        self._check(phase, reference_sms)
+        limit = self.predict(phase, size, kv, reference_sms) * (1.0 + within)
         return next(s for s in self.sm_choices(phase) if self.predict(phase, size, kv, s) <= limit)
 
     # -- online correction ---------------------------------------------------------------------

@@ -11,12 +11,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from nexus_tune import metrics
 from nexus_tune.bench import plot_latency_vs_rate, progress_bar
 from nexus_tune.controller import ControllerKnobs
 from nexus_tune.profile import Profile, ProfileError
-from nexus_tune.tune import CapacityProbe, knobs_table, parallel_map, rate_range, search_capacity, slo_knobs
-from nexus_tune.workload import make_trace
+from nexus_tune.tune import (CapacityProbe, knobs_table, parallel_map, rate_range, search_capacity, sim_inputs,
+                             slo_knobs)
 
 POLICIES = ("nexus", "chunked", "prefill-first")
 STATIC_SHARES = (0.25, 0.375, 0.5, 0.625, 0.75)  # prefill shares of the static splits tried
@@ -92,11 +91,7 @@ def plan_table(result: dict, title: str) -> Table:
 def run_plan(args) -> int:
     console = Console()
     try:
-        slos = metrics.parse_slos(args.slo)
-        if not slos:
-            raise ValueError("--slo is empty: give ttft=MS,tpot=MS")
-        profile = Profile.load(args.profile)
-        make_trace(args.workload, 1, 1.0, seed=args.seed)  # a bad workload fails before any simulation
+        profile, slos = sim_inputs(args)
     except (ValueError, ProfileError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2

@@ -193,6 +193,12 @@ def _reference_points(profile: Profile) -> list[tuple[str, int, int]]:
             + [("decode", b, min(b * 2048, cap)) for b in (8, 64, 256)])
 
 
+def _largest_side(m: LatencyModel, phase: str) -> int:
+    """The most SMs `phase` gets inside a split (the whole GPU when the model knows no splits)."""
+    sides = m.sm_choices(phase)
+    return sides[-2] if len(sides) > 1 else sides[-1]
+
+
 def summary_tables(profile: Profile) -> list[Any]:
     """Rich tables: identity, held-out error, saturation points, fitted parameters."""
     from rich.table import Table
@@ -221,13 +227,14 @@ def summary_tables(profile: Profile) -> list[Any]:
     for phase, e in profile.fit_error.items():
         err.add_row(phase, f"{e['mape_pct']:.1f}", f"{e['max_pct']:.1f}", str(e["n"]))
 
-    sat = Table(title="Saturation: fewest SMs within 5% of the whole GPU")
-    for col in ("phase", "size", "KV", "whole GPU ms", "SMs", "ms there"):
+    sat = Table(title="Saturation: fewest SMs within 5% of the whole GPU, and of the phase's largest partition")
+    for col in ("phase", "size", "KV", "whole GPU ms", "SMs", "largest side ms", "SMs "):
         sat.add_column(col, justify="left" if col == "phase" else "right")
     for phase, size, kv in _reference_points(profile):
-        sms = m.saturation_sms(phase, size, kv)
-        sat.add_row(phase, str(size), f"{kv:,}", f"{m.predict(phase, size, kv, m.total_sms):.2f}", str(sms),
-                    f"{m.predict(phase, size, kv, sms):.2f}")
+        largest = _largest_side(m, phase)
+        sat.add_row(phase, str(size), f"{kv:,}", f"{m.predict(phase, size, kv, m.total_sms):.2f}",
+                    str(m.saturation_sms(phase, size, kv)), f"{m.predict(phase, size, kv, largest):.2f}",
+                    str(m.saturation_sms(phase, size, kv, reference_sms=largest)))
 
     par = Table(title="Operator classes (SM shares)")
     for col in ("phase", "class", "r_sat", "decay", "mem r_sat", "mem decay", "whole", "t0 ms", "launch ms"):
@@ -259,12 +266,12 @@ def plot_profile(profile: Profile, path: str | Path) -> Path:
             for s in profile.samples:
                 if (s.phase, s.part, s.size, s.kv, s.prefill_tokens) == (phase, "all", size, kv, 0):
                     ax.plot(s.sms, s.ms, "x" if s.holdout else "o", color=color, mfc="none")
-            sat = m.saturation_sms(phase, size, kv)
+            sat = m.saturation_sms(phase, size, kv, reference_sms=_largest_side(m, phase))
             ax.plot([sat], [m.predict(phase, size, kv, sat)], "v", color=color, ms=9)
         ax.set(title=f"{phase} ({profile.model['name']}, {profile.gpu['slug']})", xlabel="SMs",
                ylabel="step latency (ms)", yscale="log")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, title="line: fit, o/x: measured/held out, *: whole GPU, v: saturation",
+        ax.legend(fontsize=8, title="line: fit, o/x: measured/held out, *: whole GPU, v: within 5% of the largest partition",
                   title_fontsize=7)
     fig.tight_layout()
     path = Path(path)

@@ -212,16 +212,23 @@ def knobs_table(columns: dict[str, ControllerKnobs], title: str = "Controller kn
     return table
 
 
+def sim_inputs(args) -> tuple[Profile, dict[str, float]]:
+    """The profile and SLOs a `tune` or `plan` command line names; a bad workload fails here, before
+    any simulation. Raises ValueError or ProfileError."""
+    slos = metrics.parse_slos(args.slo)
+    if not slos:
+        raise ValueError("--slo is empty: give ttft=MS,tpot=MS")
+    profile = Profile.load(args.profile)
+    make_trace(args.workload, 1, 1.0, seed=args.seed)
+    return profile, slos
+
+
 def run_tune(args) -> int:
     console = Console()
     try:
-        slos = metrics.parse_slos(args.slo)
-        if not slos:
-            raise ValueError("--slo is empty: give ttft=MS,tpot=MS")
         if args.trials < 1:
             raise ValueError(f"--trials must be at least 1, got {args.trials}")
-        profile = Profile.load(args.profile)
-        make_trace(args.workload, 1, 1.0, seed=args.seed)  # a bad workload fails before any simulation
+        profile, slos = sim_inputs(args)
     except (ValueError, ProfileError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
