@@ -447,7 +447,8 @@ class EngineCore:
         return {"running": s["num_prefilling"] + s["num_decoding"], "waiting": s["num_waiting"],
                 "kv_usage": s["kv_usage"], "free_blocks": s["free_blocks"],
                 "prefill_sms": s["split"] if self.scheduler.two_loops else None,
-                "split_switches": self.ctx.split_switches, "num_preemptions": s["num_preemptions"]}
+                "split_switches": self.ctx.split_switches, "num_preemptions": s["num_preemptions"],
+                "failed": None if self.failure is None else f"{type(self.failure).__name__}: {self.failure}"}
 
     def step_records(self) -> list[StepRecord]:
         """Every step so far (needs step_log=True)."""

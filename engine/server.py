@@ -507,8 +507,12 @@ def build_app(engine: Any, model_name: str, max_queue: int = 1024) -> FastAPI:
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> Response:
+        # A loop thread that died takes the engine with it: say so, so a supervisor restarts us.
+        failed = engine.stats().get("failed")
+        if failed:
+            return JSONResponse({"status": "failed", "error": failed}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:

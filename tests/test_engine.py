@@ -247,6 +247,7 @@ def test_broken_loop_fails_requests_and_refuses_new_ones(profile, prompts, monke
     outs = llm.generate(prompts[:2], greedy(4))
     assert [o.finish_reason for o in outs] == ["error", "error"]
     assert "scheduler bug" in outs[0].error
+    assert "scheduler bug" in llm.stats()["failed"]  # what the server's /health reports
     with pytest.raises(EngineError, match="internal error"):
         llm.generate(prompts[:1], greedy(4))
 

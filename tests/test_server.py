@@ -95,6 +95,7 @@ class FakeEngine:
     num_blocks = 100
 
     def __init__(self) -> None:
+        self.failed: str | None = None  # set to make the engine report a dead loop
         self.tokenizer = FakeTokenizer()
         self.gate = threading.Event()
         self.blocks: dict[str, int] = {}
@@ -111,7 +112,8 @@ class FakeEngine:
     def stats(self) -> dict:
         used = sum(self.blocks.values())
         return {"running": len(self.blocks), "waiting": 0, "kv_usage": used / self.num_blocks,
-                "free_blocks": self.num_blocks - used, "prefill_sms": None, "split_switches": 3}
+                "free_blocks": self.num_blocks - used, "prefill_sms": None, "split_switches": 3,
+                "failed": self.failed}
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -266,6 +268,16 @@ def test_models_health(url):
     assert httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200
     cards = httpx.get(f"{url}/v1/models", timeout=TIMEOUT).json()["data"]
     assert [c["id"] for c in cards] == [MODEL] and cards[0]["max_model_len"] == FakeEngine.max_model_len
+
+
+def test_health_is_503_once_the_engine_has_failed(url, engine):
+    engine.failed = "RuntimeError: loop died"
+    try:
+        r = httpx.get(f"{url}/health", timeout=TIMEOUT)
+        assert r.status_code == 503 and "loop died" in r.json()["error"]
+    finally:
+        engine.failed = None
+    assert httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200
 
 
 def test_openai_client(url):
