@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait; the queue drains at step speed
+# A 128k-token prompt is about 1 MB as text or as token ids; a larger body is refused before it is read.
+MAX_BODY_BYTES = 16 * 2**20
 # The request fields that map one-to-one onto SamplingParams; unset ones keep the engine's defaults.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
@@ -373,6 +375,47 @@ async def _collect(tokens: AsyncIterator[Any]) -> tuple[str, int, str | None]:
     return "".join(parts), len(parts), reason
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets an OpenAI-style 413, never buffered whole.
+
+    An announced Content-Length is checked up front (the HTTP server holds the body to it); a
+    chunked body is read here up to the limit, then handed on.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        pending = iter(messages)
+
+        async def replay() -> dict:
+            return next(pending, None) or await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
+        error = APIError(413, f"the request body is over {self.max_bytes} bytes", code="body_too_large")
+        await error.response()(scope, receive, send)
+
+
 async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work` unless the client disconnects first; then cancel it (which aborts the request)."""
     task = asyncio.ensure_future(work)
@@ -483,6 +526,7 @@ def build_app(engine: Any, model_name: str, max_queue: int = 1024) -> FastAPI:
 
     app = FastAPI(title="nexus-tune", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

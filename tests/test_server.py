@@ -270,6 +270,21 @@ def test_models_health(url):
     assert [c["id"] for c in cards] == [MODEL] and cards[0]["max_model_len"] == FakeEngine.max_model_len
 
 
+def test_oversized_bodies_get_413_without_being_buffered(monkeypatch):
+    import engine.server
+
+    monkeypatch.setattr(engine.server, "MAX_BODY_BYTES", 1000)
+    big = json.dumps({"model": MODEL, "prompt": "x" * 2000})
+    with ThreadServer(build_app(FakeEngine(), MODEL)) as url:
+        announced = post(url, "/v1/completions", big)  # Content-Length says it all
+        streamed = httpx.post(f"{url}/v1/completions", content=iter([big[:600].encode(), big[600:].encode()]),
+                              headers={"content-type": "application/json"}, timeout=TIMEOUT)  # chunked
+        small = post(url, "/v1/completions", {"model": MODEL, "prompt": "ok", "max_tokens": 2})
+    for r in (announced, streamed):
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert small.status_code == 200
+
+
 def test_health_is_503_once_the_engine_has_failed(url, engine):
     engine.failed = "RuntimeError: loop died"
     try:
