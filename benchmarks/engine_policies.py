@@ -1,6 +1,6 @@
 """Every serving policy of the bundled engine on one fixed Mixed trace, on this GPU (issue #5).
 
-    python benchmarks/engine_policies.py --out out/engine_policies [--profile PROFILE.json]
+    PYTHONPATH=. python benchmarks/engine_policies.py --out out/engine_policies [--profile PROFILE.json]
 
 For each policy (nexus, chunked, prefill-first, static:N with N the split nearest half the GPU)
 it builds the engine (llama-3.1-8b, random weights, decode CUDA graphs per split and bucket),
@@ -21,37 +21,23 @@ Writes results.json and results.md under --out and prints a short table last.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import bisect
-import gc
 import json
-import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from engine.llm import AsyncLLM, EngineError, load_profile
+from benchmarks.replay import (PolicyEngine, capped_trace, dist, find_profile, interference, make_prompts,
+                               probe_prompts, step_counts)
 from engine.loader import resolve_config
-from engine.loops import StepRecord
-from engine.model_runner import DEFAULT_BUCKETS
-from nexus_tune import metrics
 from nexus_tune.partition import SplitTable
-from nexus_tune.sequence import SamplingParams
 from nexus_tune.workload import TraceRequest, make_trace
 
 console = Console()
-PROBE_LENS = (16, 300, 2100, 5000)  # warm-up too: Triton compiles the prefill shapes it meets here
-PROBE_TOKENS = 16
-OVERLAP_BESIDE = 0.9  # a decode step counts as "beside a prefill" when prefill covers this share of it
-MIN_GROUP = 3  # steps per bucket and group before a ratio is taken
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,209 +58,31 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-# -- setup --------------------------------------------------------------------------------------
-
-def nexus_profile(args: argparse.Namespace, out: Path) -> Any:
-    """The profile nexus runs on, or None (nexus is skipped, with the reason printed)."""
-    device = torch.device("cuda")
-    try:
-        return load_profile(args.profile, args.model, device)
-    except EngineError as e:
-        if args.profile or args.no_profiling:
-            console.print(f"[yellow]skipping nexus: {e}[/]")
-            return None
-        console.print(f"no profile yet ({e}); measuring a quick one (about two minutes)")
-    from nexus_tune.profile import ProfileError
-    from nexus_tune.profiler import profile_model
-
-    try:
-        profile = profile_model(args.model, device.index or 0, quick=True, console=console)
-    except ProfileError as e:
-        console.print(f"[yellow]skipping nexus: cannot measure a profile here: {e}[/]")
-        return None
-    finally:
-        release_gpu()
-    path = profile.save(out / "profile.json")
-    console.print(f"wrote {path}; pass --profile {path} to reuse it")
-    return profile
-
-
-def release_gpu() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def make_prompts(trace: list[TraceRequest], vocab: int, seed: int) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, min(vocab, 32000), r.prompt_tokens).tolist() for r in trace]
-
-
 # -- one policy ----------------------------------------------------------------------------------
 
 def run_policy(policy: str, args: argparse.Namespace, profile: Any, trace: list[TraceRequest],
                prompts: list[list[int]], probes: list[list[int]]) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    engine = AsyncLLM(args.model, policy=policy, device="cuda", profile=profile if policy == "nexus" else None,
+    with PolicyEngine(args.model, policy, probes, device="cuda", profile=profile if policy == "nexus" else None,
                       max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                      gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, step_log=True)
-    build_s = time.perf_counter() - t0
-    decide_us = time_controller(engine)
-    engine.start()
-    try:
-        probe_tokens = asyncio.run(run_probes(engine, probes))
-        warm_steps = len(engine.core.step_records())
-        switches_before = engine.stats()["split_switches"]
-        decide_us.clear()
-        records = asyncio.run(replay(engine, trace, prompts, args.max_output))
-        steps = engine.core.step_records()[warm_steps:]
-        stats = engine.stats()
-        blocks_back = wait_for_blocks(engine)
-    finally:
-        engine.shutdown()
-        graphs = str(getattr(engine.core, "graph_report", ""))
-        num_blocks = engine.core.scheduler.bm.num_blocks
-        del engine
-        release_gpu()
-    start = min(r.arrival_s for r in records)
-    end = max((r.finish_s for r in records if r.finish_s is not None), default=start + 1e-9)
-    summary = metrics.summarize(records, end - start)
-    expected = [min(r.output_tokens, args.max_output) for r in trace]
-    checks = {
-        "all_completed": summary["completed"] == len(trace),
-        "token_counts_match": all(r.output_tokens == n for r, n in zip(records, expected) if r.done),
-        "kv_blocks_returned": blocks_back,
-    }
-    result = {
-        "policy": policy, "build_s": round(build_s, 1), "graphs": graphs, "kv_blocks": num_blocks,
+                      gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed) as run:
+        result = run.replay(trace, prompts)
+    summary = result.summary()
+    checks = result.checks(trace)
+    steps = result.steps
+    out = {
+        "policy": policy, "build_s": round(run.build_s, 1), "graphs": run.graphs, "kv_blocks": run.kv_blocks,
         "checks": checks, "summary": summary,
-        "split_switches": stats["split_switches"] - switches_before, "preemptions": stats["num_preemptions"],
-        "sched_us_per_step": _dist([s.sched_ms * 1e3 for s in steps]),
-        "controller_us_per_decision": _dist(decide_us),
+        "split_switches": result.split_switches, "preemptions": result.preemptions,
+        "sched_us_per_step": dist([s.sched_ms * 1e3 for s in steps]),
+        "controller_us_per_decision": dist(result.decide_us),
         "steps": step_counts(steps),
         "interference": interference(policy, steps),
-        "probe_tokens": probe_tokens,
-        "errors": sorted({r.error for r in records if r.error}),
+        "probe_tokens": run.probe_tokens,
+        "errors": sorted({r.error for r in result.records if r.error}),
     }
-    console.print(f"{policy}: {summary['completed']}/{len(trace)} done in {end - start:.1f} s, "
+    console.print(f"{policy}: {summary['completed']}/{len(trace)} done in {result.duration_s:.1f} s, "
                   f"checks {'ok' if all(checks.values()) else checks}")
-    return result
-
-
-def time_controller(engine: AsyncLLM) -> list[float]:
-    """Wrap the controller's decide() to time every decision (microseconds); [] without a controller."""
-    samples: list[float] = []
-    controller = engine.core.scheduler.controller
-    if controller is None:
-        return samples
-    decide = controller.decide
-
-    def timed(state):
-        t = time.perf_counter_ns()
-        split = decide(state)
-        samples.append((time.perf_counter_ns() - t) / 1e3)
-        return split
-
-    controller.decide = timed
-    return samples
-
-
-async def run_probes(engine: AsyncLLM, probes: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(max_tokens=PROBE_TOKENS, temperature=0.0, ignore_eos=True)
-
-    async def one(i: int, ids: list[int]) -> list[int]:
-        return [out.token_id async for out in engine.generate(f"probe-{i}", ids, params)]
-
-    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(probes))))
-
-
-async def replay(engine: AsyncLLM, trace: list[TraceRequest], prompts: list[list[int]],
-                 max_output: int) -> list[metrics.RequestRecord]:
-    t0 = time.perf_counter()
-
-    async def one(req: TraceRequest, ids: list[int]) -> metrics.RequestRecord:
-        await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.perf_counter()))
-        params = SamplingParams(max_tokens=min(req.output_tokens, max_output), temperature=0.0, ignore_eos=True)
-        last = None
-        async for out in engine.generate(req.request_id, ids, params):
-            last = out
-        return last.metrics
-
-    return list(await asyncio.gather(*(one(r, p) for r, p in zip(trace, prompts))))
-
-
-def wait_for_blocks(engine: AsyncLLM, timeout_s: float = 5.0) -> bool:
-    total = engine.core.scheduler.bm.num_blocks
-    deadline = time.monotonic() + timeout_s
-    while engine.stats()["free_blocks"] != total:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-# -- step analysis -------------------------------------------------------------------------------
-
-def _dist(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    arr = np.asarray(values)
-    return {"n": len(values), "mean": float(arr.mean()), "p50": float(np.median(arr)),
-            "p99": float(np.percentile(arr, 99))}
-
-
-def step_counts(steps: list[StepRecord]) -> dict[str, Any]:
-    by_kind: dict[str, list[float]] = {}
-    for s in steps:
-        by_kind.setdefault(s.kind, []).append(s.gpu_ms)
-    return {kind: _dist(ms) for kind, ms in by_kind.items()}
-
-
-def _bucket(batch: int) -> int:
-    return next((b for b in DEFAULT_BUCKETS if b >= batch), batch)
-
-
-def _ratio(slow: list[tuple[int, float]], base: list[tuple[int, float]]) -> dict[str, Any] | None:
-    """Median step time of `slow` over `base` per batch bucket, combined as a geometric mean weighted
-    by the number of `slow` steps in each bucket (buckets where either side has < MIN_GROUP steps drop)."""
-    groups: dict[int, tuple[list[float], list[float]]] = {}
-    for batch, ms in slow:
-        groups.setdefault(_bucket(batch), ([], []))[0].append(ms)
-    for batch, ms in base:
-        groups.setdefault(_bucket(batch), ([], []))[1].append(ms)
-    per_bucket = {b: (statistics.median(s), statistics.median(a), len(s))
-                  for b, (s, a) in sorted(groups.items()) if len(s) >= MIN_GROUP and len(a) >= MIN_GROUP}
-    if not per_bucket:
-        return None
-    weight = sum(n for _, _, n in per_bucket.values())
-    ratio = math.exp(sum(n * math.log(s / a) for s, a, n in per_bucket.values()) / weight)
-    return {"ratio": ratio, "steps": weight,
-            "per_bucket": {str(b): {"slow_ms": s, "base_ms": a, "n": n} for b, (s, a, n) in per_bucket.items()}}
-
-
-def interference(policy: str, steps: list[StepRecord]) -> dict[str, Any] | None:
-    """How much slower a decode step is when prefill work shares the GPU with it."""
-    decodes = [s for s in steps if s.kind == "decode"]
-    if policy == "chunked":
-        mixed = [(s.decode_seqs, s.gpu_ms) for s in steps if s.kind == "mixed"]
-        result = _ratio(mixed, [(s.decode_seqs, s.gpu_ms) for s in decodes])
-        return result and {"what": "mixed step / pure decode step", **result}
-    if policy == "prefill-first":
-        return None  # one step at a time: decode never shares the GPU
-    prefills = sorted((s.start_ms, s.end_ms) for s in steps if s.kind == "prefill")
-    starts, ends = [a for a, _ in prefills], [b for _, b in prefills]
-    beside, alone = [], []
-    for d in decodes:
-        covered, i = 0.0, bisect.bisect_right(ends, d.start_ms)  # prefills (one stream: disjoint) ending after d starts
-        while i < len(starts) and starts[i] < d.end_ms:
-            covered += min(d.end_ms, ends[i]) - max(d.start_ms, starts[i])
-            i += 1
-        share = covered / max(d.end_ms - d.start_ms, 1e-9)
-        if share >= OVERLAP_BESIDE:
-            beside.append((d.decode_seqs, d.gpu_ms))
-        elif share == 0:
-            alone.append((d.decode_seqs, d.gpu_ms))
-    result = _ratio(beside, alone)
-    return result and {"what": "decode step beside a running prefill / decode step alone", **result}
+    return out
 
 
 def probe_agreement(results: list[dict[str, Any]]) -> None:
@@ -343,20 +151,20 @@ def main() -> int:
         total, split_sms, backend = table.total_sms, table.split_sms, table.backend
     half = min(split_sms, key=lambda s: abs(s - total / 2))
     policies = [p.strip().replace("static:auto", f"static:{half}") for p in args.policies.split(",") if p.strip()]
-    profile = nexus_profile(args, out) if "nexus" in policies else None
-    if profile is None:
+    profile = (find_profile(args.model, args.profile, out, not args.no_profiling, console)
+               if "nexus" in policies else None)
+    if profile is None and "nexus" in policies:
+        console.print("[yellow]skipping nexus[/] (it needs a profile)")
         policies = [p for p in policies if p != "nexus"]
     if not policies:
         console.print("[red]error:[/] no policy left to run")
         return 2
 
-    trace = make_trace("mixed", args.num_prompts, args.request_rate, seed=args.seed)
-    room = args.max_model_len - args.max_output
-    trace = [TraceRequest(r.request_id, r.arrival_s, min(r.prompt_tokens, room), r.output_tokens) for r in trace]
+    trace = capped_trace(make_trace("mixed", args.num_prompts, args.request_rate, seed=args.seed),
+                         args.max_model_len, args.max_output)
     vocab = resolve_config(args.model).vocab_size
     prompts = make_prompts(trace, vocab, args.seed)
-    probes = make_prompts([TraceRequest(f"p{i}", 0.0, n, PROBE_TOKENS) for i, n in enumerate(PROBE_LENS)],
-                          vocab, args.seed + 1)
+    probes = probe_prompts(vocab, args.seed + 1, args.max_model_len)
     console.print(f"{torch.cuda.get_device_name()} ({total} SMs, {backend}); {len(trace)} Mixed requests at "
                   f"{args.request_rate} req/s, {sum(r.prompt_tokens for r in trace)} prompt tokens; "
                   f"policies: {', '.join(policies)}")

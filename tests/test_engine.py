@@ -21,6 +21,8 @@ from nexus_tune.device import DeviceInfo
 from nexus_tune.profile import synthetic_profile
 from nexus_tune.sequence import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 POLICIES = ["nexus", "chunked", "prefill-first", "static:64"]
 PROMPT_LENS = [3, 17, 40, 70, 9, 33]
 MAX_TOKENS = [12, 5, 16, 9, 20, 1]
@@ -28,15 +30,6 @@ MAX_TOKENS = [12, 5, 16, 9, 20, 1]
 GROWING_LENS, GROWING_TOKENS = [5, 12, 20, 8, 15, 3], 40
 # Small budgets so that prompts are split into several chunks and batches mix sequences.
 SMALL_BUDGETS = {"knobs": ControllerKnobs(prefill_chunk_tokens=32), "mixed_token_budget": 40}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """Tiny ops on a loaded 2-core CI box: OpenMP's thread team makes them ~20x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
