@@ -211,12 +211,6 @@ class Scheduler:
             self._decode_batch, self._decode_sms = batch, batch.sms
             return batch
 
-    def decide_split(self, now: float) -> int | None:
-        """Prefill SMs the policy wants now (0: all to decode; total_sms: all to prefill; the single-loop
-        policies always answer total_sms)."""
-        with self._lock:
-            return self._decide(now, *self._prefill_load())
-
     # -- single-loop policies ------------------------------------------------------------------
 
     def schedule_step(self, now: float) -> PrefillBatch | DecodeBatch | None:

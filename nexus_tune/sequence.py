@@ -89,7 +89,3 @@ class Sequence:
     def num_prefill_remaining(self) -> int:
         """Tokens still to prefill (all tokens, prompt and generated, after a preemption)."""
         return len(self.token_ids) - self.num_computed_tokens
-
-    @property
-    def is_done(self) -> bool:
-        return self.status in (SequenceStatus.FINISHED, SequenceStatus.ABORTED)
