@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# Run as a plain script from the repository root: make `engine` importable without installing.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.model_roofline import copy_gbps
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -44,14 +43,6 @@ def _time(fn, graph: bool = False) -> float:
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting the read and the write."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _time(lambda: dst.copy_(src))
-    return 2 * src.numel() / (ms * 1e-3)
 
 
 def paged_kv(batch: int, ctx: int, gen: torch.Generator):
@@ -298,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.kernels.prefill_attention import default_config
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_gbps() * 1e9  # bytes/s
     configs = [default_config(HEAD_DIM, DTYPE), PrefillConfig(128, 128, 8, 2),
                PrefillConfig(64, 64, 4, 3), PrefillConfig(128, 32, 8, 3)]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

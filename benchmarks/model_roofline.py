@@ -76,13 +76,17 @@ def time_ms(fn: Callable[[], object], iters: int, loops: int = 5, warmup: int = 
     return statistics.median(results)
 
 
-def ceilings() -> dict[str, float]:
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth in GB/s, counting the read and the write."""
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")  # 2 GiB: far past the 50 MiB L2
     dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), iters=10)
+    return 2 * src.numel() / time_ms(lambda: dst.copy_(src), iters=10) / 1e6
+
+
+def ceilings() -> dict[str, float]:
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     mm_ms = time_ms(lambda: a @ b, iters=20)
-    return {"copy_gbps": 2 * src.numel() / copy_ms / 1e6, "matmul_tflops": 2 * 8192**3 / mm_ms / 1e9}
+    return {"copy_gbps": copy_gbps(), "matmul_tflops": 2 * 8192**3 / mm_ms / 1e9}
 
 
 def decode_roofline(runner: ModelRunner, batch: int, kv: int, copy_gbps: float) -> dict[str, float]:
