@@ -46,7 +46,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", help="profile JSON (default: profiles/<gpu>/<model>.json, else a quick one)")
     p.add_argument("--resume", help="a folder of earlier results of this setup: their rates count as run")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (tiny presets, tests)")
+    p.add_argument("--save-steps", action="store_true",
+                   help="keep every step record in the results (benchmarks/calibrate_overhead.py fits them)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate, run nothing")
     p.add_argument("--out", default=os.environ.get("OUT") or "out")
     return p.parse_args(argv)
@@ -511,6 +513,8 @@ def run_policy(ctx: Context, result: PolicyResult, sweep: Sweep, probe: CappedPr
             prompts = make_prompts(trace, ctx.config.vocab_size, a.seed)
             rep = pe.replay(trace, prompts, None if a.no_early_stop else ctx.slos, ctx.deadline)
             run = run_summary(rate, rep, trace, ctx.slos, result.policy, ctx.profile, probe)
+            if a.save_steps:
+                run["step_records"] = [asdict(s) for s in rep.steps]
             result.add_run(run, split_timeline(rep.steps, total_sms) if nexus else None)
             if result.policy == "chunked":
                 chunked_steps += [s for s in rep.steps if s.kind in ("mixed", "prefill")]

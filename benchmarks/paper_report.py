@@ -424,9 +424,12 @@ def section(s: Setup, folder: Path) -> list[str]:
     return lines
 
 
-def report(setups: list[Setup], out: Path, command: str) -> str:
+def report(setups: list[Setup], out: Path, command: str, analysis: str = "") -> str:
+    """The whole report; `analysis` (markdown written by a person) goes right after the summary."""
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = header(setups, command)
+    if analysis:
+        lines += [analysis.rstrip(), ""]
     for s in setups:
         lines += section(s, out.parent)
     text = "\n".join(lines).rstrip() + "\n"
@@ -438,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="+", help="paper_eval result files or folders holding them")
     p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--analysis", help="a markdown file of conclusions to place after the summary table")
     args = p.parse_args(argv)
     try:
         setups = load(args.paths)
@@ -448,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] no paper_eval results under {', '.join(args.paths)}")
         return 2
     command = "PYTHONPATH=. python benchmarks/paper_report.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report(setups, Path(args.out), command)
+    report(setups, Path(args.out), command, Path(args.analysis).read_text() if args.analysis else "")
     for s in setups:
         for line in why(s):
             if line.startswith("- ") or line.startswith("Missed"):

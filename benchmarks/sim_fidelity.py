@@ -1,11 +1,14 @@
-"""Simulator fidelity: replay the trace of a measured `engine_policies.py` run in the simulator.
+"""Simulator fidelity: replay the traces of measured `paper_eval.py` runs in the simulator (issue 7).
 
-    python benchmarks/sim_fidelity.py docs/results/engine/policies_run2.json [more runs...] \
-        --profile profiles/h100-80gb-hbm3/llama-3.1-8b.json
+    PYTHONPATH=. python benchmarks/sim_fidelity.py docs/results/paper/llama-mixed \
+        --profile profiles/h100-80gb-hbm3/llama-3.1-8b.json [--no-overhead] [--out fidelity.json]
 
-Runs on the CPU. For every policy of every measured run it rebuilds the same trace (workload,
-seed, rate, output cap: from the run's `meta`), simulates it on the profile, and prints the
-measured and simulated p50 TTFT and mean TPOT with their ratio (target: within 15%).
+Runs on the CPU. For every policy and rate of the given result folders whose replay ran to the
+end (an early-stopped replay's latencies cover only the requests it finished) it rebuilds the same
+trace (workload, rate, seed, lengths: from the run's `meta`), simulates it with the run's knobs on
+the profile, and prints the measured and simulated p50 TTFT and mean TPOT with their ratio
+(target: within 15%). --no-overhead ignores the profile's step_overhead: the kernel-time-only
+simulator, for comparison.
 """
 from __future__ import annotations
 
@@ -17,58 +20,67 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.paper_eval import eval_trace
+from nexus_tune.controller import ControllerKnobs
 from nexus_tune.profile import Profile
 from nexus_tune.simulate import simulate
-from nexus_tune.workload import TraceRequest, make_trace
 
 TOLERANCE = 0.15
+METRICS = ("median_ttft_ms", "mean_tpot_ms")
 
 
-def measured_trace(meta: dict, max_model_len: int) -> list[TraceRequest]:
-    """The trace engine_policies.py replayed: prompts cut to leave room for the capped output."""
-    trace = make_trace("mixed", meta["num_prompts"], meta["request_rate"], seed=meta["seed"])
-    room = max_model_len - meta["max_output"]
-    return [TraceRequest(r.request_id, r.arrival_s, min(r.prompt_tokens, room), min(r.output_tokens, meta["max_output"]))
-            for r in trace]
-
-
-def compare(run: dict, profile: Profile, max_model_len: int) -> list[dict]:
-    trace = measured_trace(run["meta"], max_model_len)
+def compare(result: dict, profile: Profile) -> list[dict]:
+    """One row per complete run of one paper_eval result file."""
+    meta = result["meta"]
+    knobs = ControllerKnobs.from_dict(meta["knobs"])
     rows = []
-    for result in run["results"]:
-        measured = result["summary"]
-        simulated = simulate(profile, trace, result["policy"]).summary({})
-        row = {"policy": result["policy"], "rate": run["meta"]["request_rate"]}
-        for metric in ("median_ttft_ms", "mean_tpot_ms"):
-            row[metric] = {"measured": measured[metric], "simulated": simulated[metric],
-                           "ratio": simulated[metric] / measured[metric]}
+    for run in result["runs"]:
+        if run["stopped"] is not None:
+            continue
+        trace = eval_trace(meta["workload"], run["rate"], meta["num_prompts"], meta["min_duration"], meta["seed"],
+                           meta["max_model_len"], meta["max_output"])
+        simulated = simulate(profile, trace, result["policy"], knobs).summary({})
+        row = {"model": meta["model"], "workload": meta["workload"], "policy": result["policy"], "rate": run["rate"]}
+        for metric in METRICS:
+            measured = run["summary"][metric]
+            row[metric] = {"measured": measured, "simulated": simulated[metric],
+                           "ratio": simulated[metric] / measured}
+        row["within"] = all(abs(row[m]["ratio"] - 1) <= TOLERANCE for m in METRICS)
         rows.append(row)
     return rows
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", help="results.json files written by benchmarks/engine_policies.py")
+    p.add_argument("folders", nargs="+", help="paper_eval.py result folders")
     p.add_argument("--profile", required=True)
-    p.add_argument("--max-model-len", type=int, default=16384, help="as engine_policies.py ran")
+    p.add_argument("--no-overhead", action="store_true", help="simulate kernel time only (ignore step_overhead)")
     p.add_argument("--out", help="write the comparison as JSON here")
     args = p.parse_args()
     profile = Profile.load(args.profile)
-    rows = [row for path in args.runs for row in compare(json.loads(Path(path).read_text()), profile,
-                                                         args.max_model_len)]
-    table = Table(title=f"simulated vs measured ({profile.gpu['name']}, {profile.model['name']})")
-    for col in ("policy", "rate", "p50 TTFT meas.", "p50 TTFT sim.", "ratio", "mean TPOT meas.", "mean TPOT sim.",
-                "ratio", f"within {TOLERANCE:.0%}"):
-        table.add_column(col, justify="left" if col == "policy" else "right")
+    if args.no_overhead:
+        profile.step_overhead = None
+    rows = []
+    for folder in args.folders:
+        for path in sorted(Path(folder).glob("*.json")):
+            result = json.loads(path.read_text())
+            if result.get("kind") == "paper_eval" and result["meta"]["model"] == profile.model["name"]:
+                rows += compare(result, profile)
+    overhead = "kernel time only" if profile.step_overhead is None else "with the engine's step overhead"
+    table = Table(title=f"simulated vs measured: {profile.model['name']} on {profile.gpu['name']}, {overhead}")
+    for col in ("workload", "policy", "rate", "p50 TTFT meas.", "sim.", "ratio", "mean TPOT meas.", "sim.", "ratio",
+                f"within {TOLERANCE:.0%}"):
+        table.add_column(col, justify="left" if col in ("workload", "policy") else "right")
     for r in rows:
-        t, m = r["median_ttft_ms"], r["mean_tpot_ms"]
-        ok = all(abs(x["ratio"] - 1) <= TOLERANCE for x in (t, m))
-        table.add_row(r["policy"], f"{r['rate']:g}", f"{t['measured']:.1f}", f"{t['simulated']:.1f}",
-                      f"{t['ratio']:.2f}", f"{m['measured']:.2f}", f"{m['simulated']:.2f}", f"{m['ratio']:.2f}",
-                      "yes" if ok else "no")
-    Console().print(table)
+        t, m = (r[k] for k in METRICS)
+        table.add_row(r["workload"], r["policy"], f"{r['rate']:g}", f"{t['measured']:.0f}", f"{t['simulated']:.0f}",
+                      f"{t['ratio']:.2f}", f"{m['measured']:.1f}", f"{m['simulated']:.1f}", f"{m['ratio']:.2f}",
+                      "yes" if r["within"] else "no")
+    console = Console()
+    console.print(table)
+    console.print(f"{sum(r['within'] for r in rows)} of {len(rows)} runs within {TOLERANCE:.0%} on both metrics")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -410,6 +410,20 @@ class LatencyModel:
         stretch = self._stretch(sms, prefill_tokens, prefill_kv)
         return self._base_ms("decode", batch, kv_tokens, sms, stretch) * self._correction("decode", sms)
 
+    def predict_mixed(self, prefill_tokens: float, prefill_kv: float, decode_seqs: float, decode_kv: float,
+                      sms: int) -> float:
+        """A chunked-prefill step (vLLM v1): prompt chunks and decode rows in one forward on `sms` SMs.
+
+        Every row costs what a prefill token costs in the dense layers; the decode rows' attention
+        over their KV is added from the decode model (its step at the same batch minus the batch
+        with no KV)."""
+        if not decode_seqs:
+            return self.predict_prefill(prefill_tokens, prefill_kv, sms)
+        if not prefill_tokens:
+            return self.predict_decode(decode_seqs, decode_kv, sms)
+        attention = max(self.predict_decode(decode_seqs, decode_kv, sms) - self.predict_decode(decode_seqs, 0, sms), 0.0)
+        return self.predict_prefill(prefill_tokens + decode_seqs, prefill_kv, sms) + attention
+
     def predict(self, phase: str, size: float, kv: float, sms: int, **contention: float) -> float:
         if phase == "prefill":
             return self.predict_prefill(size, kv, sms)

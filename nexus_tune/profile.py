@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from nexus_tune.latency_model import PHASES, LatencyModel, OpClass, Sample
+from nexus_tune.overhead import StepOverhead
 from nexus_tune.partition import Granularity, split_sizes
 
 SCHEMA_VERSION = 1
@@ -70,6 +71,7 @@ class Profile:
     grid: dict[str, Any] = field(default_factory=dict)  # what was swept and how long it took
     created: str = field(default_factory=_now)
     tuned_knobs: dict[str, Any] | None = None
+    step_overhead: StepOverhead | None = None  # the engine's cost beyond kernel time (nexus_tune/overhead.py)
     synthetic: bool = False
     schema_version: int = SCHEMA_VERSION
 
@@ -90,6 +92,7 @@ class Profile:
             "fit_error": self.fit_error,
             "latency_model": self.latency_model.to_dict(),
             "tuned_knobs": self.tuned_knobs,
+            "step_overhead": self.step_overhead.to_dict() if self.step_overhead else None,
             "samples": [s.to_dict() for s in self.samples],
         }
 
@@ -115,6 +118,7 @@ class Profile:
             samples=[Sample.from_dict(s) for s in d["samples"]], fit_error=dict(d["fit_error"]),
             software=dict(d.get("software") or {}), backend=str(d.get("backend", "green-contexts")),
             grid=dict(d.get("grid") or {}), created=str(d["created"]), tuned_knobs=knobs,
+            step_overhead=StepOverhead.from_dict(d["step_overhead"]) if d.get("step_overhead") else None,
             synthetic=bool(d.get("synthetic", False)), schema_version=int(d["schema_version"]),
         )
 

@@ -68,6 +68,7 @@ class _Simulation:
     def __init__(self, profile: Profile, trace: list[TraceRequest], policy: str, knobs: ControllerKnobs,
                  max_num_seqs: int, block_size: int, mixed_token_budget: int):
         self.model = profile.latency_model
+        self.overhead = profile.step_overhead
         self.total_sms = int(profile.gpu["sm_count"])
         blocks = BlockManager(profile.kv_capacity_tokens // block_size, block_size)
         self.sched = Scheduler(policy, blocks, knobs, max_num_seqs=max_num_seqs, total_sms=self.total_sms,
@@ -174,7 +175,8 @@ class _Simulation:
         if self.prefill_busy is None:
             batch = self.sched.schedule_prefill(self.now)
             if batch is not None:
-                ms = model.predict_prefill(batch.num_tokens, batch.prefix_tokens, batch.sms)
+                ms = self._cycle_ms("prefill/prefill", model.predict_prefill(batch.num_tokens, batch.prefix_tokens,
+                                                                             batch.sms), len(batch.seqs))
                 self.prefill_busy = batch
                 self._push(self.now + ms * 1e-3, _PREFILL_DONE, batch)
         if not self.decode_busy:
@@ -182,33 +184,39 @@ class _Simulation:
             if batch is not None:
                 p = self.prefill_busy
                 load = (p.num_tokens, p.prefix_tokens) if p is not None else (0, 0)
-                ms = model.predict_decode(len(batch.seqs), batch.kv_tokens, batch.sms, *load)
+                ms = self._cycle_ms("decode/decode", model.predict_decode(len(batch.seqs), batch.kv_tokens,
+                                                                           batch.sms, *load), len(batch.seqs))
                 self.decode_busy = True
                 self._push(self.now + ms * 1e-3, _DECODE_DONE, batch)
 
     def _launch_single_loop(self) -> None:
+        m, sms = self.model, self.total_sms
         if self.sched.policy == "chunked":
             batch = self.sched.schedule_mixed(self.now)
-            ms = None if batch is None else self._mixed_ms(batch)
+            if batch is None:
+                return
+            p, d = batch.prefill, batch.decode
+            kind = "mixed" if p is not None and d is not None else "prefill" if p is not None else "decode"
+            rows = (len(p.seqs) if p else 0) + (len(d.seqs) if d else 0)
+            ms = self._cycle_ms(f"mixed/{kind}", m.predict_mixed(p.num_tokens if p else 0, p.prefix_tokens if p else 0,
+                                                                 len(d.seqs) if d else 0, d.kv_tokens if d else 0,
+                                                                 sms), rows)
         else:
             batch = self.sched.schedule_step(self.now)
+            if batch is None:
+                return
             if isinstance(batch, PrefillBatch):
-                ms = self.model.predict_prefill(batch.num_tokens, batch.prefix_tokens, self.total_sms)
-            elif batch is not None:
-                ms = self.model.predict_decode(len(batch.seqs), batch.kv_tokens, self.total_sms)
-        if batch is not None:
-            self.gpu_busy = True
-            self._push(self.now + ms * 1e-3, _STEP_DONE, batch)
+                ms = self._cycle_ms("single/prefill", m.predict_prefill(batch.num_tokens, batch.prefix_tokens, sms),
+                                    len(batch.seqs))
+            else:
+                ms = self._cycle_ms("single/decode", m.predict_decode(len(batch.seqs), batch.kv_tokens, sms),
+                                    len(batch.seqs))
+        self.gpu_busy = True
+        self._push(self.now + ms * 1e-3, _STEP_DONE, batch)
 
-    def _mixed_ms(self, batch: MixedBatch) -> float:
-        m, sms, p, d = self.model, self.total_sms, batch.prefill, batch.decode
-        if p is None:
-            return m.predict_decode(len(d.seqs), d.kv_tokens, sms)
-        if d is None:
-            return m.predict_prefill(p.num_tokens, p.prefix_tokens, sms)
-        b = len(d.seqs)
-        attention = max(m.predict_decode(b, d.kv_tokens, sms) - m.predict_decode(b, 0, sms), 0.0)
-        return m.predict_prefill(p.num_tokens + b, p.prefix_tokens, sms) + attention
+    def _cycle_ms(self, key: str, gpu_ms: float, num_seqs: int) -> float:
+        """The profile's kernel time, plus the engine's per-step overhead when the profile holds one."""
+        return gpu_ms if self.overhead is None else self.overhead.predict(key, gpu_ms, num_seqs)
 
 
 # (row label, summary key, format) of the `nexus-tune simulate` table.

@@ -1,0 +1,119 @@
+"""What an engine step costs beyond the profile's kernel time, fitted from the engine's step log.
+
+The profiler times each phase's kernels alone: a graph replayed from an idle stream, inputs ready.
+A step of the running engine also builds its inputs on the host (block tables, positions), copies
+them up, samples, hands the tokens to their requests and schedules the next step, all while the
+other loop's thread and the server hold the GIL. On the H100 that made decode steps 1.2-1.55x the
+profile's prediction while prefill agreed within 10% (docs/results.md), and the simulator's mean
+TPOT 20-50% low. `StepOverhead` closes that gap, scikit-learn style:
+
+    overhead = StepOverhead().fit(step_records, profile.latency_model)
+    cycle_ms = overhead.predict("decode/decode", predicted_gpu_ms, num_seqs)
+
+Per step key "<loop>/<kind>" (engine/loops.py: loop prefill|decode|mixed|single, kind
+prefill|decode|mixed), a loop's cycle (one step's start to the next one's) is modelled as
+
+    cycle_ms = scale * predicted_ms + fixed_ms + per_seq_ms * num_seqs
+
+with non-negative terms fitted by least squares. The target is the step's measured GPU span (from
+its start event, so host work before the launch counts) plus the host gap to the loop's next step;
+a gap longer than GAP_IDLE x the key's median gap is the loop waiting for work, not working, and
+counts as the median. Keys with fewer than `min_steps` steps stay unfitted: their cycle is the
+prediction. `benchmarks/calibrate_overhead.py` fits one from engine runs and writes it into the
+profile, where the simulator uses it.
+"""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import nnls
+
+from nexus_tune.latency_model import LatencyModel
+
+GAP_IDLE = 3.0  # a gap this many times the key's median: the loop was idle, not busy
+IDENTITY = (1.0, 0.0, 0.0)
+
+
+def step_key(loop: str, kind: str) -> str:
+    return f"{loop}/{kind}"
+
+
+def predicted_gpu_ms(record: Mapping[str, Any], model: LatencyModel) -> float:
+    """The profile's prediction for one step record (a dict of engine.loops.StepRecord's fields)."""
+    r = record
+    if r["kind"] == "prefill":
+        return model.predict_prefill(r["prefill_tokens"], r["prefill_kv"], r["sms"])
+    if r["kind"] == "decode":
+        return model.predict_decode(r["decode_seqs"], r["decode_kv"], r["sms"], r["beside_prefill"],
+                                    r["beside_prefill_kv"])
+    return model.predict_mixed(r["prefill_tokens"], r["prefill_kv"], r["decode_seqs"], r["decode_kv"], r["sms"])
+
+
+def _cycles(records: Iterable[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], float]]:
+    """(record, measured cycle ms) for every usable step: GPU span plus the gap to its loop's next step."""
+    by_loop: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        if r.get("gpu_ms") is not None and r.get("start_ms") is not None and not r.get("failed"):
+            by_loop.setdefault(r["loop"], []).append(r)
+    gaps: dict[str, list[tuple[Mapping[str, Any], float]]] = {}
+    for steps in by_loop.values():
+        steps.sort(key=lambda r: r["start_ms"])
+        for r, nxt in zip(steps, steps[1:]):
+            gaps.setdefault(step_key(r["loop"], r["kind"]), []).append((r, max(nxt["start_ms"] - r["end_ms"], 0.0)))
+    out = []
+    for pairs in gaps.values():
+        typical = statistics.median(g for _, g in pairs)
+        out += [(r, r["gpu_ms"] + (g if g <= GAP_IDLE * typical else typical)) for r, g in pairs]
+    return out
+
+
+def _mape(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.abs(pred - y) / y) * 100)
+
+
+@dataclass
+class StepOverhead:
+    """Per step key: (scale, fixed_ms, per_seq_ms). Unfitted keys: the prediction unchanged."""
+
+    terms: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    # per key: steps fitted, MAPE of the bare prediction and of the fitted cycle against the measured one
+    fit_error: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def fit(self, records: Iterable[Mapping[str, Any]], model: LatencyModel, min_steps: int = 30) -> StepOverhead:
+        rows: dict[str, list[tuple[float, int, float]]] = {}
+        for r, cycle in _cycles(records):
+            rows.setdefault(step_key(r["loop"], r["kind"]), []).append(
+                (predicted_gpu_ms(r, model), r["num_seqs"], cycle))
+        self.terms, self.fit_error = {}, {}
+        for key, data in sorted(rows.items()):
+            if len(data) < min_steps:
+                continue
+            a = np.array(data, dtype=float)
+            x = np.column_stack([a[:, 0], np.ones(len(a)), a[:, 1]])
+            coef, _ = nnls(x, a[:, 2])
+            self.terms[key] = (float(coef[0]), float(coef[1]), float(coef[2]))
+            self.fit_error[key] = {"steps": len(a), "profile_mape_pct": _mape(a[:, 0], a[:, 2]),
+                                   "fitted_mape_pct": _mape(x @ coef, a[:, 2])}
+        return self
+
+    def predict(self, key: str, gpu_ms: float, num_seqs: int) -> float:
+        """A loop's cycle for a step the profile predicts at `gpu_ms`."""
+        scale, fixed, per_seq = self.terms.get(key, IDENTITY)
+        return scale * gpu_ms + fixed + per_seq * num_seqs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"terms": {k: list(v) for k, v in self.terms.items()}, "fit_error": self.fit_error}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StepOverhead:
+        terms = {}
+        for key, value in d["terms"].items():
+            scale, fixed, per_seq = (float(v) for v in value)
+            if min(scale, fixed, per_seq) < 0:
+                raise ValueError(f"step_overhead term {key} has a negative coefficient: {value}")
+            terms[key] = (scale, fixed, per_seq)
+        return cls(terms, {k: dict(v) for k, v in d.get("fit_error", {}).items()})

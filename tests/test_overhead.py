@@ -1,0 +1,95 @@
+import json
+import random
+from dataclasses import replace
+
+import pytest
+
+from nexus_tune.overhead import StepOverhead, predicted_gpu_ms
+from nexus_tune.profile import Profile, synthetic_profile
+from nexus_tune.simulate import simulate
+from nexus_tune.workload import make_trace
+
+PROFILE = replace(synthetic_profile(132, 8), kv_capacity_tokens=400_000)
+MODEL = PROFILE.latency_model
+
+
+def decode_record(t: float, seqs: int, kv: int, loop: str = "decode") -> dict:
+    return {"loop": loop, "kind": "decode", "sms": 132, "num_seqs": seqs, "prefill_tokens": 0, "prefill_kv": 0,
+            "decode_seqs": seqs, "decode_kv": kv, "beside_prefill": 0, "beside_prefill_kv": 0, "start_ms": t,
+            "gpu_ms": None, "end_ms": None, "failed": False}
+
+
+def engine_log(scale: float, fixed: float, per_seq: float, gap: float, n: int, seed: int = 0) -> list[dict]:
+    """A decode loop's steps whose cycles follow the overhead law exactly; every tenth gap is the loop
+    idling for work (long), which the fit must not take for overhead."""
+    rng, t, log = random.Random(seed), 0.0, []
+    for i in range(n):
+        seqs = rng.randint(1, 64)
+        r = decode_record(t, seqs, seqs * rng.randint(100, 4000))
+        r["gpu_ms"] = scale * predicted_gpu_ms(r, MODEL) + fixed + per_seq * seqs
+        r["end_ms"] = t + r["gpu_ms"]
+        t = r["end_ms"] + (gap if i % 10 else 50.0)
+        log.append(r)
+    return log
+
+
+def test_fit_recovers_the_terms_and_ignores_idle_gaps():
+    fitted = StepOverhead().fit(engine_log(1.2, 0.3, 0.05, gap=0.4, n=300), MODEL)
+    scale, fixed, per_seq = fitted.terms["decode/decode"]
+    # The busy gap is a constant: it lands in the fixed term.
+    assert (scale, fixed, per_seq) == pytest.approx((1.2, 0.7, 0.05), rel=1e-6, abs=1e-6)
+    err = fitted.fit_error["decode/decode"]
+    assert err["fitted_mape_pct"] < 1e-3 < err["profile_mape_pct"]
+    assert err["steps"] == 299  # the last step has no next one: no cycle
+
+
+def test_a_key_with_too_few_steps_stays_the_prediction():
+    fitted = StepOverhead().fit(engine_log(1.5, 1.0, 0.0, gap=0.2, n=20), MODEL, min_steps=30)
+    assert fitted.terms == {}
+    assert fitted.predict("decode/decode", 7.5, 16) == 7.5
+
+
+def test_failed_and_untimed_steps_are_left_out():
+    log = engine_log(1.0, 0.0, 0.0, gap=0.1, n=100)
+    log[5]["failed"] = True
+    log[6]["gpu_ms"] = None
+    fitted = StepOverhead().fit(log, MODEL)
+    assert fitted.fit_error["decode/decode"]["steps"] == 97
+
+
+def test_round_trip_and_validation():
+    fitted = StepOverhead().fit(engine_log(1.1, 0.2, 0.01, gap=0.3, n=100), MODEL)
+    again = StepOverhead.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert again.terms == fitted.terms and again.fit_error == fitted.fit_error
+    with pytest.raises(ValueError, match="negative"):
+        StepOverhead.from_dict({"terms": {"decode/decode": [1.0, -0.5, 0.0]}})
+
+
+def test_profiles_keep_the_overhead_and_old_ones_have_none(tmp_path):
+    overhead = StepOverhead({"decode/decode": (1.1, 0.4, 0.02)})
+    path = replace(PROFILE, step_overhead=overhead).save(tmp_path / "p.json")
+    assert Profile.load(path).step_overhead.terms == {"decode/decode": (1.1, 0.4, 0.02)}
+    raw = json.loads(path.read_text())
+    del raw["step_overhead"]  # a profile written before the field existed
+    path.write_text(json.dumps(raw))
+    assert Profile.load(path).step_overhead is None
+
+
+def test_mixed_prediction_degenerates_to_its_parts():
+    assert MODEL.predict_mixed(0, 0, 8, 8000, 132) == MODEL.predict_decode(8, 8000, 132)
+    assert MODEL.predict_mixed(512, 100, 0, 0, 132) == MODEL.predict_prefill(512, 100, 132)
+    both = MODEL.predict_mixed(512, 0, 8, 8000, 132)
+    assert both > MODEL.predict_prefill(520, 0, 132)  # the decode rows' attention on top
+
+
+@pytest.mark.parametrize("policy, key", [("nexus", "decode/decode"), ("chunked", "mixed/decode"),
+                                         ("prefill-first", "single/decode")])
+def test_the_simulator_pays_the_overhead_of_its_step_kind(policy, key):
+    trace = make_trace("sharegpt-synth", 40, 2.0, seed=3)
+    bare = simulate(PROFILE, trace, policy).summary({})
+    identity = simulate(replace(PROFILE, step_overhead=StepOverhead({key: (1.0, 0.0, 0.0)})), trace, policy)
+    assert identity.summary({}) == bare
+    slower = simulate(replace(PROFILE, step_overhead=StepOverhead({key: (1.0, 2.0, 0.0)})), trace, policy)
+    assert slower.summary({})["mean_tpot_ms"] > bare["mean_tpot_ms"] + 1.0
+    other = simulate(replace(PROFILE, step_overhead=StepOverhead({"no/such": (3.0, 5.0, 1.0)})), trace, policy)
+    assert other.summary({}) == bare
