@@ -20,9 +20,8 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
-from nexus_tune.overhead import StepOverhead
+from nexus_tune.overhead import StepOverhead, overhead_table
 from nexus_tune.profile import Profile
 
 
@@ -41,12 +40,13 @@ def step_records(folders: list[str], model_name: str) -> tuple[list[dict], list[
     return records, files
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", help="paper_eval result folders (runs made with --save-steps)")
     p.add_argument("--profile", required=True)
     p.add_argument("--write", action="store_true", help="store the fit in the profile")
-    args = p.parse_args()
+    p.add_argument("--min-steps", type=int, default=30, help="fewer steps of a kind: that kind keeps the prediction")
+    args = p.parse_args(argv)
     console = Console()
     profile = Profile.load(args.profile)
     records, files = step_records(args.folders, profile.model["name"])
@@ -54,15 +54,9 @@ def main() -> int:
         console.print(f"[red]no step records of {profile.model['name']} under {', '.join(args.folders)} "
                       "(paper_eval.py --save-steps writes them)[/]")
         return 2
-    overhead = StepOverhead().fit(records, profile.latency_model)
-    table = Table(title=f"{profile.model['name']}: step cycle = scale x predicted + fixed + per_seq x rows "
-                        f"({len(records)} steps from {len(files)} files)")
-    for col in ("loop/kind", "steps", "scale", "fixed ms", "per seq ms", "profile MAPE", "fitted MAPE"):
-        table.add_column(col, justify="left" if col == "loop/kind" else "right")
-    for key, (scale, fixed, per_seq) in overhead.terms.items():
-        err = overhead.fit_error[key]
-        table.add_row(key, str(err["steps"]), f"{scale:.3f}", f"{fixed:.3f}", f"{per_seq:.4f}",
-                      f"{err['profile_mape_pct']:.1f}%", f"{err['fitted_mape_pct']:.1f}%")
+    overhead = StepOverhead().fit(records, profile.latency_model, args.min_steps)
+    table = overhead_table(overhead, f"{profile.model['name']}: step cycle = scale x predicted + fixed + "
+                                     f"per_seq x rows ({len(records)} steps from {len(files)} files)")
     console.print(table)
     if args.write:
         profile.step_overhead = overhead

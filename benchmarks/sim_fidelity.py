@@ -50,13 +50,13 @@ def compare(result: dict, profile: Profile) -> list[dict]:
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", help="paper_eval.py result folders")
     p.add_argument("--profile", required=True)
     p.add_argument("--no-overhead", action="store_true", help="simulate kernel time only (ignore step_overhead)")
     p.add_argument("--out", help="write the comparison as JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     profile = Profile.load(args.profile)
     if args.no_overhead:
         profile.step_overhead = None

@@ -117,3 +117,17 @@ class StepOverhead:
                 raise ValueError(f"step_overhead term {key} has a negative coefficient: {value}")
             terms[key] = (scale, fixed, per_seq)
         return cls(terms, {k: dict(v) for k, v in d.get("fit_error", {}).items()})
+
+
+def overhead_table(overhead: StepOverhead, title: str) -> Any:
+    """A rich table of the fitted terms and their error (`profile show`, calibrate_overhead.py)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("loop/kind", "steps", "scale", "fixed ms", "per seq ms", "profile MAPE", "fitted MAPE"):
+        table.add_column(col, justify="left" if col == "loop/kind" else "right", no_wrap=col == "loop/kind")
+    for key, (scale, fixed, per_seq) in overhead.terms.items():
+        err = overhead.fit_error.get(key, {})
+        table.add_row(key, str(err.get("steps", "?")), f"{scale:.3f}", f"{fixed:.3f}", f"{per_seq:.4f}",
+                      *(f"{err[k]:.1f}%" if k in err else "?" for k in ("profile_mape_pct", "fitted_mape_pct")))
+    return table

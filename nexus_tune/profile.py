@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from nexus_tune.latency_model import PHASES, LatencyModel, OpClass, Sample
-from nexus_tune.overhead import StepOverhead
+from nexus_tune.overhead import StepOverhead, overhead_table
 from nexus_tune.partition import Granularity, split_sizes
 
 SCHEMA_VERSION = 1
@@ -204,7 +204,7 @@ def _largest_side(m: LatencyModel, phase: str) -> int:
 
 
 def summary_tables(profile: Profile) -> list[Any]:
-    """Rich tables: identity, held-out error, saturation points, fitted parameters."""
+    """Rich tables: identity, held-out error, saturation points, fitted parameters, step overhead."""
     from rich.table import Table
 
     m = profile.latency_model
@@ -248,7 +248,11 @@ def summary_tables(profile: Profile) -> list[Any]:
             par.add_row(phase, cls, f"{p.r_sat:.3f}", f"{p.decay:.2f}", f"{p.mem_r_sat:.3f}", f"{p.mem_decay:.2f}",
                         f"{p.whole:.3f}", f"{p.t0_ms:.3f}", f"{p.launch_ms:.3f}")
     par.caption = "contention " + ", ".join(f"{k} {v:.3g}" for k, v in m.contention_.items())
-    return [info, err, sat, par]
+    if profile.step_overhead is None:
+        return [info, err, sat, par]
+    steps = overhead_table(profile.step_overhead, "Engine step overhead: cycle = scale x predicted + fixed + "
+                                                  "per_seq x rows (the simulator adds it)")
+    return [info, err, sat, par, steps]
 
 
 def plot_profile(profile: Profile, path: str | Path) -> Path:

@@ -99,6 +99,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
     (8, 2, 32, 16, [1, 17, 600, 0, 130], 7),     # more splits than tiles: empty splits
     (14, 2, 64, 16, [5, 300], 4),                # group of 7 query heads (Qwen2.5-0.5B)
     (3, 3, 16, 4, [33, 64, 65], 2),              # no GQA, odd head count, 16 pages per tile
+    (8, 2, 32, 16, [620, 3, 0, 20, 64, 1], 16),  # one long sequence: many splits; the rest one each
 ])
 def test_decode_attention(q_heads, kv_heads, head_dim, block_size, seq_lens, num_splits, dtype):
     gen = _gen(1)
@@ -114,9 +115,10 @@ def test_decode_attention(q_heads, kv_heads, head_dim, block_size, seq_lens, num
         assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], n, scale)[0], dtype)
 
 
-def test_decode_split_count_comes_from_shapes():
-    assert num_kv_splits(64, 8, 2048, 132) <= 2            # the batch alone fills the GPU
-    assert num_kv_splits(8, 8, 32768, 132) >= 8            # few sequences: split the long KV
+def test_decode_split_bound_comes_from_shapes():
+    assert num_kv_splits(64, 8, 2048, 132) == 8            # room for a 2048-token sequence in 256-token splits
+    assert num_kv_splits(256, 8, 16384, 132) <= 5          # a big batch: the launch budget bounds the grid
+    assert num_kv_splits(48, 8, 16384, 132) >= 16          # a long document among 47 others can be cut up
     assert num_kv_splits(1, 8, 32768, 132) == MAX_SPLITS   # capped
     assert num_kv_splits(1, 8, 64, 132) == 1               # too short to be worth splitting
     assert num_kv_splits(0, 8, 64, 132) == 1

@@ -1,7 +1,9 @@
-"""benchmarks/paper_eval.py and benchmarks/paper_report.py on the CPU: the tiny preset, a synthetic profile.
+"""benchmarks/paper_eval.py, paper_report.py, calibrate_overhead.py and sim_fidelity.py on the CPU:
+the tiny preset, a synthetic profile.
 
-paper_eval runs two policies at two rates with a handful of short requests and writes its files;
-paper_report turns them (and hand-made results with known targets) into markdown and plots.
+paper_eval runs two policies at two rates with a handful of short requests and writes its files
+(with their step records); paper_report turns them (and hand-made results with known targets) into
+markdown and plots; calibrate_overhead fits the step overhead from them; sim_fidelity replays them.
 """
 from __future__ import annotations
 
@@ -11,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import paper_eval, paper_report
+from benchmarks import calibrate_overhead, paper_eval, paper_report, sim_fidelity
 from benchmarks.paper_eval import PolicyResult, Sweep, step_roofline_ms
 from benchmarks.replay import _Progress
 from engine.loader import resolve_config
 from engine.loops import StepRecord
-from nexus_tune.profile import synthetic_profile
+from nexus_tune.profile import Profile, synthetic_profile
 from nexus_tune.workload import TraceRequest
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -40,7 +42,8 @@ def eval_args(profile: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def eval_out(tiny_profile, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("paper_eval")
-    assert paper_eval.main(eval_args(tiny_profile, out, "--policies", "nexus,chunked", "--rates", "40,80")) == 0
+    assert paper_eval.main(eval_args(tiny_profile, out, "--policies", "nexus,chunked", "--rates", "40,80",
+                                     "--save-steps")) == 0
     return out
 
 
@@ -165,6 +168,36 @@ def test_report_writes_the_tables_and_plots(eval_out, tmp_path):
     assert "paper_eval.py --model tiny" in text
     assert (tmp_path / "results-tiny-mixed-latency.png").stat().st_size > 0
     assert (tmp_path / "results-tiny-mixed-split.png").stat().st_size > 0
+
+
+def test_saved_steps_calibrate_the_profile_and_the_simulator_replays_the_runs(eval_out, tiny_profile, tmp_path):
+    profile = tmp_path / "tiny.json"
+    profile.write_bytes(tiny_profile.read_bytes())
+    assert calibrate_overhead.main([str(eval_out), "--profile", str(profile), "--min-steps", "5", "--write"]) == 0
+    overhead = Profile.load(profile).step_overhead
+    assert overhead.terms and set(overhead.terms) <= {"decode/decode", "prefill/prefill", "mixed/decode",
+                                                      "mixed/mixed", "mixed/prefill"}
+    assert all(e["steps"] >= 5 for e in overhead.fit_error.values())
+    out = tmp_path / "fidelity.json"
+    assert sim_fidelity.main([str(eval_out), "--profile", str(profile), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["policy"], r["rate"]) for r in rows} == {("nexus", 40.0), ("nexus", 80.0), ("chunked", 40.0),
+                                                       ("chunked", 80.0)}
+    assert all(r[m]["simulated"] > 0 and r[m]["ratio"] > 0 for r in rows for m in sim_fidelity.METRICS)
+
+
+def test_calibration_without_saved_steps_is_a_clear_error(tiny_profile, tmp_path, capsys):
+    assert calibrate_overhead.main([str(tmp_path), "--profile", str(tiny_profile)]) == 2
+    assert "--save-steps" in capsys.readouterr().out
+
+
+def test_report_places_a_written_analysis_after_the_summary(eval_out, tmp_path):
+    notes = tmp_path / "analysis.md"
+    notes.write_text("## What the runs say\n\nnexus wins here.\n")
+    md = tmp_path / "results.md"
+    assert paper_report.main([str(eval_out), "--out", str(md), "--analysis", str(notes)]) == 0
+    text = md.read_text()
+    assert text.index("| model | workload |") < text.index("nexus wins here.") < text.index("## tiny, Mixed")
 
 
 def fake_run(rate: float, passed: bool, ttft: float, itl: float) -> dict:

@@ -6,6 +6,13 @@ sequence's KV and writes the normalised partial output and its log-sum-exp. Kern
 splits. The grid depends only on shapes (batch, heads, the block table's width), never on
 sequence lengths, so the launch can be captured in a CUDA graph; each program finds its own
 KV range from `seq_lens` on the device. A sequence of length 0 produces zeros.
+
+The grid's split count is an upper bound. How many splits a sequence really uses is decided on
+the device from the lengths: every split holds about the same number of KV tokens (the batch's
+total over the programs that fill the GPU), so a long document among short chat turns is cut
+into many splits instead of holding the whole step up (on the H100 a 48-sequence batch with one
+16k-token sequence took 1.8x a uniform batch of the same KV when each sequence had 2 splits:
+benchmarks/decode_gap.py). Splits past a sequence's last one do nothing and are not merged.
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 MAX_SPLITS = 64        # kernel 2 holds every split's partial row in registers
 MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write) dominates
-PROGRAMS_PER_SM = 4    # enough resident programs per SM to hide memory latency and the tail wave
+PROGRAMS_PER_SM = 4    # working programs per SM: enough to hide memory latency and the tail wave
+GRID_PER_SM = 64       # launched programs per SM at most (idle splits still cost a launch slot)
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,23 +41,39 @@ def _num_sms(device: torch.device) -> int:
 
 
 def num_kv_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int) -> int:
-    """Splits per (sequence, KV head) so the grid fills the GPU, from shapes only (graph-safe)."""
-    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, max(batch * kv_heads, 1))
-    return max(1, min(wanted, triton.cdiv(max_kv_len, MIN_SPLIT_TOKENS), MAX_SPLITS))
+    """The grid's splits per (sequence, KV head), from shapes only (graph-safe): enough for the
+    longest possible sequence to take its share of the GPU, within the launch budget."""
+    launchable = triton.cdiv(GRID_PER_SM * num_sms, max(batch * kv_heads, 1))
+    return max(1, min(launchable, triton.cdiv(max_kv_len, MIN_SPLIT_TOKENS), MAX_SPLITS))
+
+
+@triton.jit
+def _split_len(seq_lens, b, batch, num_splits, programs_per_head,
+               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(sequence b's length, its split length in whole tiles): the batch's KV tokens over
+    `programs_per_head`, or longer where the sequence would need more than `num_splits` splits.
+    Both kernels compute it, so they agree on each sequence's splits."""
+    offs = tl.arange(0, BLOCK_B)
+    total = tl.sum(tl.load(seq_lens + offs, mask=offs < batch, other=0), 0)
+    seq_len = tl.load(seq_lens + b)
+    share = tl.maximum(tl.cdiv(total, programs_per_head), tl.cdiv(seq_len, num_splits))
+    return seq_len, tl.cdiv(tl.maximum(share, 1), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
 def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, qk_scale,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
-                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits,
+                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits, batch, programs_per_head,
                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_B: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens + b)
-    # Split length rounded to whole tiles: only a split's last tile can be partial.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    # Split length in whole tiles: only a split's last tile can be partial.
+    seq_len, split_len = _split_len(seq_lens, b, batch, num_splits, programs_per_head, BLOCK_B, BLOCK_N)
+    if (split > 0) & (split * split_len >= seq_len):
+        return  # past the sequence's last split (split 0 always writes: an empty sequence's zeros)
     lo = tl.minimum(split * split_len, seq_len)
     hi = tl.minimum(lo + split_len, seq_len)
     full_hi = lo + (hi - lo) // BLOCK_N * BLOCK_N
@@ -82,14 +106,16 @@ def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_p
 
 
 @triton.jit
-def _reduce_kernel(o_part, lse_part, out_ptr, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                   stride_outb, stride_outh, num_splits,
-                   HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr):
+def _reduce_kernel(o_part, lse_part, out_ptr, seq_lens, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                   stride_outb, stride_outh, num_splits, batch, programs_per_head,
+                   HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
     head = tl.program_id(1)
+    seq_len, split_len = _split_len(seq_lens, b, batch, num_splits, programs_per_head, BLOCK_B, BLOCK_N)
+    used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
     offs_s = tl.arange(0, SPLITS_P2)
     offs_d = tl.arange(0, HEAD_DIM)
-    split_ok = offs_s < num_splits
+    split_ok = offs_s < used
     lse = tl.load(lse_part + b * stride_lb + head * stride_lh + offs_s, mask=split_ok, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))
     o = tl.load(o_part + b * stride_ob + head * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
@@ -105,7 +131,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (KV length including the current token) -> out [B, Hq, D] in q's dtype.
-    `num_splits` overrides the shape-based choice of KV splits (benchmarks, tests).
+    `num_splits` overrides the shape-based bound on KV splits (benchmarks, tests).
     """
     check_attention_inputs(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
@@ -123,16 +149,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
+    # Working programs per KV head: the batch's KV tokens are shared out among this many splits.
+    programs_per_head = max(1, PROGRAMS_PER_SM * _num_sms(q.device) // kv_heads)
+    block_b = triton.next_power_of_2(batch)
     _split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1), num_splits,
+        lse_part.stride(0), lse_part.stride(1), num_splits, batch, programs_per_head,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=BLOCK_N, PAGE=page, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_N=BLOCK_N, PAGE=page, DOT_PRECISION=dot_precision(q.dtype), BLOCK_B=block_b,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     _reduce_kernel[(batch, q_heads)](
-        o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits,
-        HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
+        o_part, lse_part, out, seq_lens, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits, batch, programs_per_head,
+        HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_B=block_b, BLOCK_N=BLOCK_N,
+        num_warps=4)
     return out
