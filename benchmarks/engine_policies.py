@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.replay import (PolicyEngine, capped_trace, dist, find_profile, interference, make_prompts,
+from nexus_tune.replay import (PolicyEngine, capped_trace, dist, find_profile, interference, make_prompts,
                                probe_prompts, step_counts)
 from engine.loader import resolve_config
 from nexus_tune.partition import SplitTable

@@ -56,7 +56,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks.replay import (STOP_DEADLINE, STOP_SLO, PolicyEngine, Replay, capped_trace, dist, find_profile,
+from nexus_tune.replay import (STOP_DEADLINE, STOP_SLO, PolicyEngine, Replay, capped_trace, dist, find_profile,
                                interference, make_prompts, probe_prompts, release_gpu, step_counts)
 from engine.config import ModelConfig
 from engine.llm import EngineError
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", help="a folder of earlier results of this setup: their rates count as run")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (tiny presets, tests)")
     p.add_argument("--save-steps", action="store_true",
-                   help="keep every step record in the results (benchmarks/calibrate_overhead.py fits them)")
+                   help="keep every step record in the results (nexus-tune calibrate --from-runs fits them)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate, run nothing")
     p.add_argument("--out", default=os.environ.get("OUT") or "out")
     return p.parse_args(argv)

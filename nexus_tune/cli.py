@@ -35,6 +35,26 @@ def _build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--plot", help="write the latency-vs-SMs figure to this PNG")
     ps.set_defaults(handler="nexus_tune.profile:run_show")
 
+    # -- calibrate -------------------------------------------------------------------------
+    p = sub.add_parser("calibrate", help="fit the engine's per-step overhead into a profile (simulate, tune, plan use it)")
+    p.add_argument("--profile", required=True, help="the profile JSON file to complete")
+    p.add_argument("--from-runs", nargs="+", metavar="DIR",
+                   help="fit step records saved by an earlier calibrate or paper_eval.py --save-steps; no GPU")
+    p.add_argument("--model", help="preset or checkpoint folder (default: the profile's model)")
+    p.add_argument("--workload", default="mixed", help="longdata | arxiv | sharegpt-synth | mixed")
+    p.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.4, 0.6],
+                   help="arrival rates as fractions of the prefill-only bound, comma-separated")
+    p.add_argument("--policies", type=lambda s: s.split(","), default=["chunked", "prefill-first", "nexus"],
+                   help="one engine per loop family, comma-separated")
+    p.add_argument("--num-prompts", type=int, default=80, help="requests per replay")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=16384)
+    p.add_argument("--max-output", type=int, default=256, help="cap on each request's output tokens")
+    p.add_argument("--min-steps", type=int, default=30, help="a step kind with fewer keeps the bare prediction")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu (tiny presets, tests)")
+    p.add_argument("--out", default="out/calibration", help="folder for the step records")
+    p.set_defaults(handler="nexus_tune.calibrate:run_calibrate")
+
     # -- serve -----------------------------------------------------------------------------
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the bundled engine")
     p.add_argument("--model", required=True, help="preset name or a checkpoint folder")

@@ -19,8 +19,8 @@ with non-negative terms fitted by least squares. The target is the step's measur
 its start event, so host work before the launch counts) plus the host gap to the loop's next step;
 a gap longer than GAP_IDLE x the key's median gap is the loop waiting for work, not working, and
 counts as the median. Keys with fewer than `min_steps` steps stay unfitted: their cycle is the
-prediction. `benchmarks/calibrate_overhead.py` fits one from engine runs and writes it into the
-profile, where the simulator uses it.
+prediction. `nexus-tune calibrate` (nexus_tune/calibrate.py) fits one from engine runs and
+writes it into the profile, where the simulator uses it.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ class StepOverhead:
 
 
 def overhead_table(overhead: StepOverhead, title: str) -> Any:
-    """A rich table of the fitted terms and their error (`profile show`, calibrate_overhead.py)."""
+    """A rich table of the fitted terms and their error (`profile show`, `calibrate`)."""
     from rich.table import Table
 
     table = Table(title=title)

@@ -1,9 +1,10 @@
-"""benchmarks/paper_eval.py, paper_report.py, calibrate_overhead.py and sim_fidelity.py on the CPU:
-the tiny preset, a synthetic profile.
+"""benchmarks/paper_eval.py, paper_report.py and sim_fidelity.py, and `nexus-tune calibrate`, on the
+CPU: the tiny preset, a synthetic profile.
 
 paper_eval runs two policies at two rates with a handful of short requests and writes its files
 (with their step records); paper_report turns them (and hand-made results with known targets) into
-markdown and plots; calibrate_overhead fits the step overhead from them; sim_fidelity replays them.
+markdown and plots; calibrate fits the step overhead from them, or from replays of its own;
+sim_fidelity replays them in the simulator.
 """
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import calibrate_overhead, paper_eval, paper_report, sim_fidelity
+from benchmarks import paper_eval, paper_report, sim_fidelity
 from benchmarks.paper_eval import PolicyResult, Sweep, step_roofline_ms
-from benchmarks.replay import _Progress
+from nexus_tune.replay import _Progress
 from engine.loader import resolve_config
 from engine.loops import StepRecord
+from nexus_tune import cli
+from nexus_tune.calibrate import RECORDS_FILE
 from nexus_tune.profile import Profile, synthetic_profile
 from nexus_tune.workload import TraceRequest
 
@@ -173,7 +176,7 @@ def test_report_writes_the_tables_and_plots(eval_out, tmp_path):
 def test_saved_steps_calibrate_the_profile_and_the_simulator_replays_the_runs(eval_out, tiny_profile, tmp_path):
     profile = tmp_path / "tiny.json"
     profile.write_bytes(tiny_profile.read_bytes())
-    assert calibrate_overhead.main([str(eval_out), "--profile", str(profile), "--min-steps", "5", "--write"]) == 0
+    assert cli.main(["calibrate", "--profile", str(profile), "--from-runs", str(eval_out), "--min-steps", "5"]) == 0
     overhead = Profile.load(profile).step_overhead
     assert overhead.terms and set(overhead.terms) <= {"decode/decode", "prefill/prefill", "mixed/decode",
                                                       "mixed/mixed", "mixed/prefill"}
@@ -187,8 +190,29 @@ def test_saved_steps_calibrate_the_profile_and_the_simulator_replays_the_runs(ev
 
 
 def test_calibration_without_saved_steps_is_a_clear_error(tiny_profile, tmp_path, capsys):
-    assert calibrate_overhead.main([str(tmp_path), "--profile", str(tiny_profile)]) == 2
-    assert "--save-steps" in capsys.readouterr().out
+    assert cli.main(["calibrate", "--profile", str(tiny_profile), "--from-runs", str(tmp_path)]) == 2
+    assert "--save-steps" in capsys.readouterr().err
+    assert Profile.load(tiny_profile).step_overhead is None  # nothing written
+
+
+def test_calibrate_replays_each_loop_family_and_writes_the_fit(tiny_profile, tmp_path):
+    profile = tmp_path / "tiny.json"
+    profile.write_bytes(tiny_profile.read_bytes())
+    args = ["calibrate", "--profile", str(profile), "--model", "tiny", "--device", "cpu", "--loads", "0.3",
+            "--num-prompts", "6", "--max-model-len", "128", "--max-output", "6", "--min-steps", "3",
+            "--out", str(tmp_path / "records")]
+    assert cli.main(args) == 0
+    keys = set(Profile.load(profile).step_overhead.terms)
+    assert {k.split("/")[0] for k in keys} >= {"mixed", "single"} and keys & {"decode/decode", "prefill/prefill"}
+    saved = json.loads((tmp_path / "records" / RECORDS_FILE).read_text())
+    assert [r["policy"] for r in saved["runs"]] == ["chunked", "prefill-first", "nexus"]
+    assert all(run["step_records"] for run in saved["runs"])
+    # The saved records alone give the same fit (the --from-runs path).
+    again = tmp_path / "again.json"
+    again.write_bytes(tiny_profile.read_bytes())
+    assert cli.main(["calibrate", "--profile", str(again), "--from-runs", str(tmp_path / "records"),
+                     "--min-steps", "3"]) == 0
+    assert Profile.load(again).step_overhead.terms == Profile.load(profile).step_overhead.terms
 
 
 def test_report_places_a_written_analysis_after_the_summary(eval_out, tmp_path):

@@ -1,7 +1,8 @@
 """Replaying request traces through the in-process engine, and reading its step log.
 
-Shared by benchmarks/engine_policies.py (one trace per policy) and benchmarks/paper_eval.py (a
-rate sweep per policy). Run those scripts from the repository root with `PYTHONPATH=.`.
+Used by `nexus-tune calibrate` (short traces whose step logs fit the engine's step overhead),
+benchmarks/engine_policies.py (one trace per policy) and benchmarks/paper_eval.py (a rate sweep
+per policy).
 
     with PolicyEngine(model, policy, probes=probes, device="cuda", profile=...) as run:  # built once, warm
         result = run.replay(trace, prompts)          # one trace; again for the next rate

@@ -1,0 +1,135 @@
+"""`nexus-tune calibrate`: fit what the engine's steps cost beyond the profile's kernels into the profile.
+
+    nexus-tune calibrate --profile P                        # on the GPU: replay short traces, fit, write
+    nexus-tune calibrate --profile P --from-runs DIR [...]  # anywhere: fit saved engine runs
+
+The profile times kernels alone; a running engine also builds inputs, samples, hands tokens back
+and schedules (nexus_tune/overhead.py). On the GPU this replays the workload (Poisson arrivals,
+greedy, random weights) through one engine per loop family: `chunked` (the mixed loop),
+`prefill-first` (the single loop) and `nexus` (the two loops; static splits share them), at each
+--loads fraction of the prefill-only bound (the arrival rate at which the whole GPU would do
+nothing but prefill), fits `StepOverhead` on every step and writes it into the profile, where
+`simulate`, `tune` and `plan` use it. The step records go to --out, so the fit can be redone
+anywhere with --from-runs (which also reads `benchmarks/paper_eval.py --save-steps` results).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nexus_tune.overhead import StepOverhead, overhead_table
+from nexus_tune.profile import Profile
+
+LOOP_FAMILIES = ("chunked", "prefill-first", "nexus")
+RECORDS_FILE = "calibration-steps.json"
+
+
+class CalibrationError(RuntimeError):
+    """Calibration cannot run or has nothing to fit; the message says what to do."""
+
+
+def saved_step_records(folders: list[str], model_name: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every step record of `model_name`'s runs saved under `folders` (this command's RECORDS_FILE, or
+    paper_eval results written with --save-steps; .json or .json.gz), and the files they came from."""
+    records, files = [], []
+    for folder in folders:
+        for path in sorted([*Path(folder).glob("*.json"), *Path(folder).glob("*.json.gz")]):
+            data = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+            if not isinstance(data, dict) or data.get("meta", {}).get("model") != model_name:
+                continue
+            if data.get("kind") not in ("paper_eval", "calibration"):
+                continue
+            found = [r for run in data["runs"] for r in run.get("step_records", [])]
+            if found:
+                files.append(str(path))
+                records += found
+    return records, files
+
+
+def measure_step_records(profile: Profile, model: str, args: Any, console: Any) -> dict[str, Any]:
+    """Replay the workload through each loop family's engine at each load; the step records, by run."""
+    from rich.progress import Progress
+
+    from engine.llm import EngineError
+    from engine.loader import resolve_config
+    from nexus_tune.replay import PolicyEngine, capped_trace, make_prompts, probe_prompts, release_gpu
+    from nexus_tune.tune import rate_range
+    from nexus_tune.workload import make_trace
+
+    bound = rate_range(profile, args.workload, args.num_prompts, args.seed)[1] / 1.5
+    rates = [round(load * bound, 3) for load in args.loads]
+    vocab = resolve_config(model).vocab_size
+    probes = probe_prompts(vocab, args.seed, args.max_model_len)
+    runs = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("calibration replays", total=len(args.policies) * len(rates))
+        for policy in args.policies:
+            progress.update(task, description=f"{policy}: building the engine")
+            try:
+                engine = PolicyEngine(model, policy, probes, device=args.device,
+                                      profile=profile if policy == "nexus" else None,
+                                      max_model_len=args.max_model_len, seed=args.seed)
+            except EngineError as e:
+                raise CalibrationError(f"the {policy} engine cannot start: {e}") from None
+            with engine:
+                for rate in rates:
+                    progress.update(task, description=f"{policy} at {rate:g} req/s")
+                    trace = capped_trace(make_trace(args.workload, args.num_prompts, rate, seed=args.seed),
+                                         args.max_model_len, args.max_output)
+                    rep = engine.replay(trace, make_prompts(trace, vocab, args.seed))
+                    runs.append({"policy": policy, "rate": rate, "wall_s": round(rep.wall_s, 1),
+                                 "step_records": [asdict(s) for s in rep.steps]})
+                    progress.advance(task)
+            release_gpu()
+    meta = {"model": profile.model["name"], "workload": args.workload, "num_prompts": args.num_prompts,
+            "seed": args.seed, "loads": list(args.loads), "rates": rates, "max_model_len": args.max_model_len,
+            "max_output": args.max_output, "gpu": profile.gpu.get("name"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    return {"kind": "calibration", "meta": meta, "runs": runs}
+
+
+def calibrate(profile: Profile, records: list[dict[str, Any]], min_steps: int = 30) -> StepOverhead:
+    if not records:
+        raise CalibrationError("no step records to fit")
+    overhead = StepOverhead().fit(records, profile.latency_model, min_steps)
+    if not overhead.terms:
+        raise CalibrationError(f"no step kind has {min_steps} steps: replay more requests (--num-prompts)")
+    return overhead
+
+
+def run_calibrate(args: Any) -> int:
+    from rich.console import Console
+
+    from nexus_tune.profile import ProfileError
+
+    console = Console()
+    try:
+        profile = Profile.load(args.profile)
+        if args.from_runs:
+            records, sources = saved_step_records(args.from_runs, profile.model["name"])
+            if not records:
+                raise CalibrationError(f"no step records of {profile.model['name']} under {', '.join(args.from_runs)} "
+                                       "(this command writes them; so does paper_eval.py --save-steps)")
+            source = f"{len(sources)} files"
+        else:
+            measured = measure_step_records(profile, args.model or profile.model["name"], args, console)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            saved = out / RECORDS_FILE
+            saved.write_text(json.dumps(measured))
+            records = [r for run in measured["runs"] for r in run["step_records"]]
+            source = f"replays at {', '.join(f'{r:g}' for r in measured['meta']['rates'])} req/s, saved in {saved}"
+        overhead = calibrate(profile, records, args.min_steps)
+    except (ProfileError, CalibrationError, ValueError, OSError) as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        return 2
+    console.print(overhead_table(overhead, f"{profile.model['name']}: step cycle = scale x predicted + fixed + "
+                                           f"per_seq x rows ({len(records)} steps; {source})"))
+    profile.step_overhead = overhead
+    profile.save(args.profile)
+    console.print(f"wrote step_overhead into {args.profile}; simulate, tune and plan now include it")
+    return 0
