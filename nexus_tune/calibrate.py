@@ -24,7 +24,6 @@ from typing import Any
 from nexus_tune.overhead import StepOverhead, overhead_table
 from nexus_tune.profile import Profile
 
-LOOP_FAMILIES = ("chunked", "prefill-first", "nexus")
 RECORDS_FILE = "calibration-steps.json"
 
 
@@ -32,10 +31,10 @@ class CalibrationError(RuntimeError):
     """Calibration cannot run or has nothing to fit; the message says what to do."""
 
 
-def saved_step_records(folders: list[str], model_name: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every step record of `model_name`'s runs saved under `folders` (this command's RECORDS_FILE, or
+def saved_step_logs(folders: list[str], model_name: str) -> tuple[list[list[dict[str, Any]]], list[str]]:
+    """The step log of every run of `model_name` saved under `folders` (this command's RECORDS_FILE, or
     paper_eval results written with --save-steps; .json or .json.gz), and the files they came from."""
-    records, files = [], []
+    logs, files = [], []
     for folder in folders:
         for path in sorted([*Path(folder).glob("*.json"), *Path(folder).glob("*.json.gz")]):
             data = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
@@ -43,11 +42,11 @@ def saved_step_records(folders: list[str], model_name: str) -> tuple[list[dict[s
                 continue
             if data.get("kind") not in ("paper_eval", "calibration"):
                 continue
-            found = [r for run in data["runs"] for r in run.get("step_records", [])]
+            found = [run["step_records"] for run in data["runs"] if run.get("step_records")]
             if found:
                 files.append(str(path))
-                records += found
-    return records, files
+                logs += found
+    return logs, files
 
 
 def measure_step_records(profile: Profile, model: str, args: Any, console: Any) -> dict[str, Any]:
@@ -57,10 +56,10 @@ def measure_step_records(profile: Profile, model: str, args: Any, console: Any) 
     from engine.llm import EngineError
     from engine.loader import resolve_config
     from nexus_tune.replay import PolicyEngine, capped_trace, make_prompts, probe_prompts, release_gpu
-    from nexus_tune.tune import rate_range
+    from nexus_tune.tune import prefill_bound
     from nexus_tune.workload import make_trace
 
-    bound = rate_range(profile, args.workload, args.num_prompts, args.seed)[1] / 1.5
+    bound = prefill_bound(profile, args.workload, args.num_prompts, args.seed)
     rates = [round(load * bound, 3) for load in args.loads]
     vocab = resolve_config(model).vocab_size
     probes = probe_prompts(vocab, args.seed, args.max_model_len)
@@ -92,10 +91,10 @@ def measure_step_records(profile: Profile, model: str, args: Any, console: Any) 
     return {"kind": "calibration", "meta": meta, "runs": runs}
 
 
-def calibrate(profile: Profile, records: list[dict[str, Any]], min_steps: int = 30) -> StepOverhead:
-    if not records:
+def calibrate(profile: Profile, step_logs: list[list[dict[str, Any]]], min_steps: int = 30) -> StepOverhead:
+    if not step_logs:
         raise CalibrationError("no step records to fit")
-    overhead = StepOverhead().fit(records, profile.latency_model, min_steps)
+    overhead = StepOverhead().fit(step_logs, profile.latency_model, min_steps)
     if not overhead.terms:
         raise CalibrationError(f"no step kind has {min_steps} steps: replay more requests (--num-prompts)")
     return overhead
@@ -110,8 +109,8 @@ def run_calibrate(args: Any) -> int:
     try:
         profile = Profile.load(args.profile)
         if args.from_runs:
-            records, sources = saved_step_records(args.from_runs, profile.model["name"])
-            if not records:
+            logs, sources = saved_step_logs(args.from_runs, profile.model["name"])
+            if not logs:
                 raise CalibrationError(f"no step records of {profile.model['name']} under {', '.join(args.from_runs)} "
                                        "(this command writes them; so does paper_eval.py --save-steps)")
             source = f"{len(sources)} files"
@@ -121,14 +120,14 @@ def run_calibrate(args: Any) -> int:
             out.mkdir(parents=True, exist_ok=True)
             saved = out / RECORDS_FILE
             saved.write_text(json.dumps(measured))
-            records = [r for run in measured["runs"] for r in run["step_records"]]
+            logs = [run["step_records"] for run in measured["runs"]]
             source = f"replays at {', '.join(f'{r:g}' for r in measured['meta']['rates'])} req/s, saved in {saved}"
-        overhead = calibrate(profile, records, args.min_steps)
+        overhead = calibrate(profile, logs, args.min_steps)
     except (ProfileError, CalibrationError, ValueError, OSError) as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
         return 2
     console.print(overhead_table(overhead, f"{profile.model['name']}: step cycle = scale x predicted + fixed + "
-                                           f"per_seq x rows ({len(records)} steps; {source})"))
+                                           f"per_seq x rows ({sum(map(len, logs))} steps; {source})"))
     profile.step_overhead = overhead
     profile.save(args.profile)
     console.print(f"wrote step_overhead into {args.profile}; simulate, tune and plan now include it")

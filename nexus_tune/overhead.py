@@ -7,7 +7,7 @@ other loop's thread and the server hold the GIL. On the H100 that made decode st
 profile's prediction while prefill agreed within 10% (docs/results.md), and the simulator's mean
 TPOT 20-50% low. `StepOverhead` closes that gap, scikit-learn style:
 
-    overhead = StepOverhead().fit(step_records, profile.latency_model)
+    overhead = StepOverhead().fit(step_logs, profile.latency_model)  # one list of step records per run
     cycle_ms = overhead.predict("decode/decode", predicted_gpu_ms, num_seqs)
 
 Per step key "<loop>/<kind>" (engine/loops.py: loop prefill|decode|mixed|single, kind
@@ -53,17 +53,20 @@ def predicted_gpu_ms(record: Mapping[str, Any], model: LatencyModel) -> float:
     return model.predict_mixed(r["prefill_tokens"], r["prefill_kv"], r["decode_seqs"], r["decode_kv"], r["sms"])
 
 
-def _cycles(records: Iterable[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], float]]:
-    """(record, measured cycle ms) for every usable step: GPU span plus the gap to its loop's next step."""
-    by_loop: dict[str, list[Mapping[str, Any]]] = {}
-    for r in records:
-        if r.get("gpu_ms") is not None and r.get("start_ms") is not None and not r.get("failed"):
-            by_loop.setdefault(r["loop"], []).append(r)
+def _cycles(step_logs: Iterable[Iterable[Mapping[str, Any]]]) -> list[tuple[Mapping[str, Any], float]]:
+    """(record, measured cycle ms) for every usable step: GPU span plus the gap to its loop's next step.
+    Each step log is one run of one engine: its times share one clock, another run's do not."""
     gaps: dict[str, list[tuple[Mapping[str, Any], float]]] = {}
-    for steps in by_loop.values():
-        steps.sort(key=lambda r: r["start_ms"])
-        for r, nxt in zip(steps, steps[1:]):
-            gaps.setdefault(step_key(r["loop"], r["kind"]), []).append((r, max(nxt["start_ms"] - r["end_ms"], 0.0)))
+    for log in step_logs:
+        by_loop: dict[str, list[Mapping[str, Any]]] = {}
+        for r in log:
+            if r.get("gpu_ms") is not None and r.get("start_ms") is not None and not r.get("failed"):
+                by_loop.setdefault(r["loop"], []).append(r)
+        for steps in by_loop.values():
+            steps.sort(key=lambda r: r["start_ms"])
+            for r, nxt in zip(steps, steps[1:]):
+                gap = max(nxt["start_ms"] - r["end_ms"], 0.0)
+                gaps.setdefault(step_key(r["loop"], r["kind"]), []).append((r, gap))
     out = []
     for pairs in gaps.values():
         typical = statistics.median(g for _, g in pairs)
@@ -83,9 +86,11 @@ class StepOverhead:
     # per key: steps fitted, MAPE of the bare prediction and of the fitted cycle against the measured one
     fit_error: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def fit(self, records: Iterable[Mapping[str, Any]], model: LatencyModel, min_steps: int = 30) -> StepOverhead:
+    def fit(self, step_logs: Iterable[Iterable[Mapping[str, Any]]], model: LatencyModel,
+            min_steps: int = 30) -> StepOverhead:
+        """Fit on `step_logs`: one list of step records (engine.loops.StepRecord fields) per engine run."""
         rows: dict[str, list[tuple[float, int, float]]] = {}
-        for r, cycle in _cycles(records):
+        for r, cycle in _cycles(step_logs):
             rows.setdefault(step_key(r["loop"], r["kind"]), []).append(
                 (predicted_gpu_ms(r, model), r["num_seqs"], cycle))
         self.terms, self.fit_error = {}, {}

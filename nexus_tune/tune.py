@@ -119,18 +119,21 @@ def parallel_map(fn: Callable, jobs: list[tuple], workers: int | None = None,
         return [f.result() for f in futures]
 
 
-def rate_range(profile: Profile, workload: str, num_prompts: int, seed: int) -> tuple[float, float]:
-    """(where a capacity search starts, the rate it never exceeds), from the prefill-only bound.
-
-    The bound is the arrival rate at which the whole GPU would do nothing but prefill the
-    prompts in 2048-token chunks. No policy sustains more; a finite trace far above it can
-    still pass (a short burst fits in one batch), so the search stops at 1.5x the bound.
-    """
+def prefill_bound(profile: Profile, workload: str, num_prompts: int, seed: int) -> float:
+    """The arrival rate (req/s) at which the whole GPU would do nothing but prefill the workload's
+    prompts in 2048-token chunks. No policy sustains more."""
     sms = profile.gpu["sm_count"]
     chunk = 2048
     tokens_per_s = chunk / profile.latency_model.predict_prefill(chunk, 0, sms) * 1e3
     trace = make_trace(workload, num_prompts, 1.0, seed=seed)
-    bound = tokens_per_s * len(trace) / sum(r.prompt_tokens for r in trace)
+    return tokens_per_s * len(trace) / sum(r.prompt_tokens for r in trace)
+
+
+def rate_range(profile: Profile, workload: str, num_prompts: int, seed: int) -> tuple[float, float]:
+    """(where a capacity search starts, the rate it never exceeds), from the prefill-only bound: a
+    finite trace far above the bound can still pass (a short burst fits in one batch), so the search
+    stops at 1.5x it."""
+    bound = prefill_bound(profile, workload, num_prompts, seed)
     return 0.5 * bound, 1.5 * bound
 
 

@@ -34,7 +34,7 @@ def engine_log(scale: float, fixed: float, per_seq: float, gap: float, n: int, s
 
 
 def test_fit_recovers_the_terms_and_ignores_idle_gaps():
-    fitted = StepOverhead().fit(engine_log(1.2, 0.3, 0.05, gap=0.4, n=300), MODEL)
+    fitted = StepOverhead().fit([engine_log(1.2, 0.3, 0.05, gap=0.4, n=300)], MODEL)
     scale, fixed, per_seq = fitted.terms["decode/decode"]
     # The busy gap is a constant: it lands in the fixed term.
     assert (scale, fixed, per_seq) == pytest.approx((1.2, 0.7, 0.05), rel=1e-6, abs=1e-6)
@@ -44,21 +44,29 @@ def test_fit_recovers_the_terms_and_ignores_idle_gaps():
 
 
 def test_a_key_with_too_few_steps_stays_the_prediction():
-    fitted = StepOverhead().fit(engine_log(1.5, 1.0, 0.0, gap=0.2, n=20), MODEL, min_steps=30)
+    fitted = StepOverhead().fit([engine_log(1.5, 1.0, 0.0, gap=0.2, n=20)], MODEL, min_steps=30)
     assert fitted.terms == {}
     assert fitted.predict("decode/decode", 7.5, 16) == 7.5
+
+
+def test_runs_on_their_own_clocks_are_not_interleaved():
+    # Two engines' logs both start at t=0: read as one timeline, their steps would overlap and the
+    # gaps (hence the fixed term) would come out wrong.
+    logs = [engine_log(1.2, 0.3, 0.05, gap=0.4, n=150, seed=s) for s in (1, 2)]
+    scale, fixed, per_seq = StepOverhead().fit(logs, MODEL).terms["decode/decode"]
+    assert (scale, fixed, per_seq) == pytest.approx((1.2, 0.7, 0.05), rel=1e-6, abs=1e-6)
 
 
 def test_failed_and_untimed_steps_are_left_out():
     log = engine_log(1.0, 0.0, 0.0, gap=0.1, n=100)
     log[5]["failed"] = True
     log[6]["gpu_ms"] = None
-    fitted = StepOverhead().fit(log, MODEL)
+    fitted = StepOverhead().fit([log], MODEL)
     assert fitted.fit_error["decode/decode"]["steps"] == 97
 
 
 def test_round_trip_and_validation():
-    fitted = StepOverhead().fit(engine_log(1.1, 0.2, 0.01, gap=0.3, n=100), MODEL)
+    fitted = StepOverhead().fit([engine_log(1.1, 0.2, 0.01, gap=0.3, n=100)], MODEL)
     again = StepOverhead.from_dict(json.loads(json.dumps(fitted.to_dict())))
     assert again.terms == fitted.terms and again.fit_error == fitted.fit_error
     with pytest.raises(ValueError, match="negative"):
