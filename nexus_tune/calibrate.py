@@ -59,6 +59,11 @@ def measure_step_records(profile: Profile, model: str, args: Any, console: Any) 
     from nexus_tune.tune import prefill_bound
     from nexus_tune.workload import make_trace
 
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CalibrationError("calibration replays the engine on the GPU the profile describes, and PyTorch sees "
+                               "none here; on this machine, fit saved runs instead: --from-runs DIR")
     bound = prefill_bound(profile, args.workload, args.num_prompts, args.seed)
     rates = [round(load * bound, 3) for load in args.loads]
     vocab = resolve_config(model).vocab_size

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import paper_eval, paper_report, sim_fidelity
 from benchmarks.paper_eval import PolicyResult, Sweep, step_roofline_ms
@@ -193,6 +194,13 @@ def test_calibration_without_saved_steps_is_a_clear_error(tiny_profile, tmp_path
     assert cli.main(["calibrate", "--profile", str(tiny_profile), "--from-runs", str(tmp_path)]) == 2
     assert "--save-steps" in capsys.readouterr().err
     assert Profile.load(tiny_profile).step_overhead is None  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
+def test_calibrate_without_a_gpu_points_to_saved_runs(tiny_profile, capsys):
+    assert cli.main(["calibrate", "--profile", str(tiny_profile)]) == 2
+    assert "--from-runs" in capsys.readouterr().err
+    assert Profile.load(tiny_profile).step_overhead is None
 
 
 def test_calibrate_replays_each_loop_family_and_writes_the_fit(tiny_profile, tmp_path):
