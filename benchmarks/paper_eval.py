@@ -65,6 +65,7 @@ from engine.loops import StepRecord
 from nexus_tune import metrics
 from nexus_tune.controller import ControllerKnobs
 from nexus_tune.latency_model import LatencyModel
+from nexus_tune.overhead import step_gpu_ms
 from nexus_tune.plan import recommended_knobs, static_policies
 from nexus_tune.profile import Profile, model_slug
 from nexus_tune.scheduler import parse_policy
@@ -262,11 +263,9 @@ def vs_profile(steps: list[StepRecord], model: LatencyModel) -> dict[str, Any]:
     for s in steps:
         if not s.gpu_ms or s.failed or s.kind == "mixed":
             continue
-        if s.kind == "prefill":
-            key, ms = "prefill", model.predict_prefill(s.prefill_tokens, s.prefill_kv, s.sms)
-        else:
-            key = "decode beside prefill" if s.beside_prefill else "decode"
-            ms = model.predict_decode(s.decode_seqs, s.decode_kv, s.sms, s.beside_prefill, s.beside_prefill_kv)
+        key = "decode beside prefill" if s.beside_prefill else s.kind
+        ms = step_gpu_ms(model, s.kind, s.sms, s.prefill_tokens, s.prefill_kv, s.decode_seqs, s.decode_kv,
+                         s.beside_prefill, s.beside_prefill_kv)
         ratios.setdefault(key, []).append(s.gpu_ms / ms)
     return {k: dist(v) for k, v in ratios.items()}
 

@@ -42,15 +42,22 @@ def step_key(loop: str, kind: str) -> str:
     return f"{loop}/{kind}"
 
 
+def step_gpu_ms(model: LatencyModel, kind: str, sms: int, prefill_tokens: int = 0, prefill_kv: int = 0,
+                decode_seqs: int = 0, decode_kv: int = 0, beside_prefill: int = 0, beside_prefill_kv: int = 0) -> float:
+    """The profile's kernel time of one engine step: kind prefill | decode | mixed (a chunked step);
+    a decode step of the two-loop policies runs beside a prefill of `beside_prefill` tokens."""
+    if kind == "prefill":
+        return model.predict_prefill(prefill_tokens, prefill_kv, sms)
+    if kind == "decode":
+        return model.predict_decode(decode_seqs, decode_kv, sms, beside_prefill, beside_prefill_kv)
+    return model.predict_mixed(prefill_tokens, prefill_kv, decode_seqs, decode_kv, sms)
+
+
 def predicted_gpu_ms(record: Mapping[str, Any], model: LatencyModel) -> float:
-    """The profile's prediction for one step record (a dict of engine.loops.StepRecord's fields)."""
-    r = record
-    if r["kind"] == "prefill":
-        return model.predict_prefill(r["prefill_tokens"], r["prefill_kv"], r["sms"])
-    if r["kind"] == "decode":
-        return model.predict_decode(r["decode_seqs"], r["decode_kv"], r["sms"], r["beside_prefill"],
-                                    r["beside_prefill_kv"])
-    return model.predict_mixed(r["prefill_tokens"], r["prefill_kv"], r["decode_seqs"], r["decode_kv"], r["sms"])
+    """step_gpu_ms of a step record (a dict of engine.loops.StepRecord's fields)."""
+    return step_gpu_ms(model, record["kind"], record["sms"], record["prefill_tokens"], record["prefill_kv"],
+                       record["decode_seqs"], record["decode_kv"], record["beside_prefill"],
+                       record["beside_prefill_kv"])
 
 
 def _cycles(step_logs: Iterable[Iterable[Mapping[str, Any]]]) -> list[tuple[Mapping[str, Any], float]]:

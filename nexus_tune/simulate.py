@@ -26,6 +26,7 @@ from nexus_tune import metrics
 from nexus_tune.block_manager import BlockManager
 from nexus_tune.controller import ControllerKnobs
 from nexus_tune.metrics import RequestRecord
+from nexus_tune.overhead import step_gpu_ms
 from nexus_tune.scheduler import MIXED_TOKEN_BUDGET, DecodeBatch, MixedBatch, PrefillBatch, Scheduler
 from nexus_tune.sequence import SamplingParams, Sequence
 from nexus_tune.workload import TraceRequest
@@ -171,52 +172,45 @@ class _Simulation:
             self.splits.append((self.now, self.sched.split))
 
     def _launch_two_loops(self) -> None:
-        model = self.model
         if self.prefill_busy is None:
             batch = self.sched.schedule_prefill(self.now)
             if batch is not None:
-                ms = self._cycle_ms("prefill/prefill", model.predict_prefill(batch.num_tokens, batch.prefix_tokens,
-                                                                             batch.sms), len(batch.seqs))
+                ms = self._step_ms("prefill", batch.sms, prefill=batch)
                 self.prefill_busy = batch
                 self._push(self.now + ms * 1e-3, _PREFILL_DONE, batch)
         if not self.decode_busy:
             batch = self.sched.schedule_decode(self.now)
             if batch is not None:
-                p = self.prefill_busy
-                load = (p.num_tokens, p.prefix_tokens) if p is not None else (0, 0)
-                ms = self._cycle_ms("decode/decode", model.predict_decode(len(batch.seqs), batch.kv_tokens,
-                                                                           batch.sms, *load), len(batch.seqs))
+                ms = self._step_ms("decode", batch.sms, decode=batch, beside=self.prefill_busy)
                 self.decode_busy = True
                 self._push(self.now + ms * 1e-3, _DECODE_DONE, batch)
 
     def _launch_single_loop(self) -> None:
-        m, sms = self.model, self.total_sms
         if self.sched.policy == "chunked":
             batch = self.sched.schedule_mixed(self.now)
-            if batch is None:
-                return
-            p, d = batch.prefill, batch.decode
-            kind = "mixed" if p is not None and d is not None else "prefill" if p is not None else "decode"
-            rows = (len(p.seqs) if p else 0) + (len(d.seqs) if d else 0)
-            ms = self._cycle_ms(f"mixed/{kind}", m.predict_mixed(p.num_tokens if p else 0, p.prefix_tokens if p else 0,
-                                                                 len(d.seqs) if d else 0, d.kv_tokens if d else 0,
-                                                                 sms), rows)
+            ms = None if batch is None else self._step_ms("mixed", self.total_sms, batch.prefill, batch.decode)
         else:
             batch = self.sched.schedule_step(self.now)
-            if batch is None:
-                return
             if isinstance(batch, PrefillBatch):
-                ms = self._cycle_ms("single/prefill", m.predict_prefill(batch.num_tokens, batch.prefix_tokens, sms),
-                                    len(batch.seqs))
-            else:
-                ms = self._cycle_ms("single/decode", m.predict_decode(len(batch.seqs), batch.kv_tokens, sms),
-                                    len(batch.seqs))
-        self.gpu_busy = True
-        self._push(self.now + ms * 1e-3, _STEP_DONE, batch)
+                ms = self._step_ms("single", self.total_sms, prefill=batch)
+            elif batch is not None:
+                ms = self._step_ms("single", self.total_sms, decode=batch)
+        if batch is not None:
+            self.gpu_busy = True
+            self._push(self.now + ms * 1e-3, _STEP_DONE, batch)
 
-    def _cycle_ms(self, key: str, gpu_ms: float, num_seqs: int) -> float:
-        """The profile's kernel time, plus the engine's per-step overhead when the profile holds one."""
-        return gpu_ms if self.overhead is None else self.overhead.predict(key, gpu_ms, num_seqs)
+    def _step_ms(self, loop: str, sms: int, prefill: PrefillBatch | None = None, decode: DecodeBatch | None = None,
+                 beside: PrefillBatch | None = None) -> float:
+        """A step's time on `loop` (engine/loops.py's names): the profile's kernel time, plus the
+        engine's overhead for that loop and step kind when the profile holds one."""
+        kind = "decode" if prefill is None else "prefill" if decode is None else "mixed"
+        p_t, p_kv = (prefill.num_tokens, prefill.prefix_tokens) if prefill is not None else (0, 0)
+        d_n, d_kv = (len(decode.seqs), decode.kv_tokens) if decode is not None else (0, 0)
+        b_t, b_kv = (beside.num_tokens, beside.prefix_tokens) if beside is not None else (0, 0)
+        gpu_ms = step_gpu_ms(self.model, kind, sms, p_t, p_kv, d_n, d_kv, b_t, b_kv)
+        if self.overhead is None:
+            return gpu_ms
+        return self.overhead.predict(f"{loop}/{kind}", gpu_ms, d_n + (len(prefill.seqs) if prefill is not None else 0))
 
 
 # (row label, summary key, format) of the `nexus-tune simulate` table.
