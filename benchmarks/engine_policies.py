@@ -12,7 +12,7 @@ came back. From the step log (CUDA events on each loop's stream) it reports:
 - two-loop policies: a decode step beside a running prefill (GPU intervals overlapping >= 90%)
   over a decode step with none (target <= 1.4x under nexus), per batch bucket, weighted;
 - chunked: its mixed steps (decode rows riding with prompt chunks) over its pure decode steps
-  (GPU-FACTS.md measured 7.7x for one 128-row + 2048-token pair).
+  (docs/gpu-facts.md: 7.7x for one 128-row + 2048-token pair on the H100).
 The greedy probes are compared across policies (bf16 numerics differ with batch composition,
 so this is reported, not asserted). nexus needs a profile: --profile, else the default
 profiles/<gpu>/<model>.json, else a quick one is measured here (--no-profiling: skip nexus).

@@ -128,19 +128,22 @@ def sdpa_flash_prefill(q, k, v, prefix: int):
 
 
 def bench_prefill(q_len: int, prefix: int, configs, gen: torch.Generator) -> dict:
-    from engine.kernels import prefill_attention
+    from engine.kernels import max_tiles, prefill_attention, tile_map
     ctx = prefix + q_len
     k_cache, v_cache, tables = paged_kv(1, ctx, gen)
     q = torch.randn(q_len, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
     cu = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
     seq_lens = torch.tensor([ctx], dtype=torch.int32, device="cuda")
     k, v = contiguous_kv(k_cache, tables), contiguous_kv(v_cache, tables)
+    k_new, v_new = k[0, :, prefix:].transpose(0, 1), v[0, :, prefix:].transpose(0, 1)  # the chunk's own K/V
     q4 = q.transpose(0, 1)[None].contiguous()
     ref = ref_attention(q4, k, v)[0].transpose(0, 1)
     flops = causal_flops(q_len, prefix)
     result = {"case": f"prefill {q_len} over {prefix}", "configs": []}
     for cfg in configs:
-        run = lambda cfg=cfg: prefill_attention(q, k_cache, v_cache, cu, seq_lens, tables, SCALE, q_len, config=cfg)
+        tiles = torch.from_numpy(tile_map([q_len], [prefix], cfg.block_m, max_tiles(q_len, 1, cfg.block_m))).cuda()
+        run = lambda cfg=cfg, tiles=tiles: prefill_attention(q, k_new, v_new, k_cache, v_cache, cu, seq_lens, tables,
+                                                             tiles, SCALE, config=cfg)
         try:
             err = _rel_err(run(), ref)
             ms = _time(run)
@@ -290,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     bandwidth = copy_gbps() * 1e9  # bytes/s
-    configs = [default_config(HEAD_DIM, DTYPE), PrefillConfig(128, 128, 8, 2),
-               PrefillConfig(64, 64, 4, 3), PrefillConfig(128, 32, 8, 3)]
+    configs = [default_config(HEAD_DIM, DTYPE), PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8, 3),
+               PrefillConfig(128, 128, 8, 2), PrefillConfig(128, 64, 4, 3), PrefillConfig(64, 128, 4, 3),
+               PrefillConfig(128, 32, 8, 3)]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "copy_tb_s": bandwidth / 1e12,
            "decode": [bench_decode(64, 2048, bandwidth, gen), bench_decode(8, 32768, bandwidth, gen)],

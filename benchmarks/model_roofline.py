@@ -1,22 +1,25 @@
-"""How close the engine's model runtime comes to the GPU's ceilings, and does it stay correct.
+"""How close the model runtime comes to the GPU's ceilings, on the whole GPU and on partitions, and does it stay correct.
 
-    python benchmarks/model_roofline.py --out out/model_roofline
+    PYTHONPATH=. python benchmarks/model_roofline.py --out $OUT
 
-On one GPU (an H100 in about two minutes), with random bf16 weights (no download):
-1. Ceilings, measured in the same run: device-to-device copy bandwidth (a 4 GiB copy; bytes read
-   + written over time) and the bf16 matmul rate (8192^3, random data).
-2. llama-3.1-8b decode step, batch 64 x 2048 KV tokens each, CUDA graph on the whole GPU:
-   time against the HBM floor (weight bytes + KV bytes read, over the copy bandwidth). Target:
-   within 1.25x. The eager step is reported beside it.
-3. llama-3.1-8b prefill of one 2048-token chunk: achieved FLOP rate against the matmul rate.
-   FLOPs: 2 x (layer parameters) x tokens + 2 x (LM head) x 1 (only the last token's logits)
-   + causal attention 4 x layers x heads x head_dim x T(T+1)/2. Target: >= 60%.
-4. The Triton attention kernels against PyTorch SDPA (contiguous K/V, no math backend) on the
-   same shapes, one layer: decode (64 x 2048) and prefill (one causal 2048-token sequence).
-5. Correctness, qwen2.5-0.5b: 32 greedy tokens for 4 prompts must be identical between eager
-   and CUDA-graph decode, and between the Triton and the PyTorch reference backends, except
-   where the reference's logits hold a near-tie (gap < NEAR_TIE) at the first difference:
-   random weights make such ties common and the two paths round bf16 differently.
+On one GPU (an H200 in about three minutes), with random bf16 weights (no download):
+1. Ceilings, measured in the same run: device-to-device copy bandwidth (bytes read + written over
+   time, 2 GiB) and the bf16 matmul rate (8192^3, random data).
+2. llama-3.1-8b decode step, batch 64 x 2048 KV tokens each, as a CUDA graph: on the whole GPU
+   against the HBM floor (weight bytes + KV bytes read, over the copy bandwidth; target 1.15x with
+   the engine's host work, which benchmarks/engine_overhead.py adds), and on the decode side of the
+   40/92 split with GEMMs sized for it (engine/cuda_graphs.py) and without (cuBLAS's whole-chip
+   grids), against the whole GPU (target 1.05x).
+3. llama-3.1-8b prefill of one 2048-token chunk as a graph: on the whole GPU against the matmul
+   rate, eager beside it; on partitions of 64, 96 and 112 SMs, sized and unsized, against the
+   whole-GPU time x 132 / S (target: at most that).
+4. The four GEMMs of a 2048-token Llama-3.1-8B layer on the 112-SM side: default against sized.
+5. The Triton attention kernels against PyTorch SDPA (flash; contiguous K/V) on the same shapes,
+   one layer: decode 64 x 2048; prefill of a 2048-token sequence (kernels_bench.py sweeps its tiles).
+6. Correctness, qwen2.5-0.5b: 32 greedy tokens for 4 prompts identical between eager and graph
+   steps (decode graphs, and prefill graphs for the prompts), and between the Triton and the
+   PyTorch reference backends except where the reference's logits hold a near-tie (gap < NEAR_TIE)
+   at the first difference: random weights make such ties common and the paths round bf16 differently.
 Timing: CUDA events around a loop of steps after warm-up; the median of 5 loops.
 Prints a table; writes model_roofline.json and model_roofline.md under --out. Exit status 0
 when every target and check passes, 1 otherwise.
@@ -32,26 +35,35 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from engine.kernels import decode_attention, prefill_attention
-from engine.model_runner import DecodeBatch, ModelRunner, PrefillBatch
+from engine.config import ModelConfig
+from engine.cuda_graphs import gemms_sized_for
+from engine.kernels import decode_attention, default_config, max_tiles, prefill_attention, tile_map
+from engine.loops import StepRecord
+from engine.model_runner import ModelRunner
+from engine.step_inputs import DecodeInput, PrefillInput
 from nexus_tune.device import software_versions
+from nexus_tune.partition import SplitTable
 from nexus_tune.sequence import SamplingParams
 
-DECODE_TARGET = 1.25  # step time / HBM floor
+DECODE_TARGET = 1.25  # graph step / HBM floor (the engine's whole step: 1.15x, engine_overhead.py)
+DECODE_PARTITION_TARGET = 1.05  # decode on the 92-SM side / whole GPU
 PREFILL_TARGET = 0.60  # achieved / measured matmul FLOP rate
 NEAR_TIE = 0.1  # logit gap under which two bf16 paths may pick different greedy tokens (~3 bf16 ulps at 6)
+PREFILL_SIDES = (64, 96, 112)
+DECODE_SIDE = 92
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for the JSON and markdown result")
-    p.add_argument("--model", default="llama-3.1-8b", help="preset timed in steps 2-4")
+    p.add_argument("--model", default="llama-3.1-8b", help="preset timed in steps 2-5")
     p.add_argument("--check-model", default="qwen2.5-0.5b", help="preset of the greedy-token checks")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--kv", type=int, default=2048, help="KV tokens per decode sequence")
@@ -60,25 +72,27 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def time_ms(fn: Callable[[], object], iters: int, loops: int = 5, warmup: int = 3) -> float:
-    """Median over `loops` of the mean time of `iters` back-to-back calls (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    results = []
-    for _ in range(loops):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
+def time_ms(fn: Callable[[], object], iters: int, loops: int = 5, warmup: int = 3, stream: Any = None) -> float:
+    """Median over `loops` of the mean time of `iters` back-to-back calls (CUDA events on `stream`)."""
+    stream = stream or torch.cuda.current_stream()
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
             fn()
-        end.record()
-        end.synchronize()
-        results.append(start.elapsed_time(end) / iters)
+        results = []
+        for _ in range(loops):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for _ in range(iters):
+                fn()
+            end.record(stream)
+            end.synchronize()
+            results.append(start.elapsed_time(end) / iters)
     return statistics.median(results)
 
 
 def copy_gbps() -> float:
     """Device-to-device copy bandwidth in GB/s, counting the read and the write."""
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")  # 2 GiB: far past the 50 MiB L2
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")  # 2 GiB: far past the 50-60 MiB L2
     dst = torch.empty_like(src)
     return 2 * src.numel() / time_ms(lambda: dst.copy_(src), iters=10) / 1e6
 
@@ -89,57 +103,116 @@ def ceilings() -> dict[str, float]:
     return {"copy_gbps": copy_gbps(), "matmul_tflops": 2 * 8192**3 / mm_ms / 1e9}
 
 
-def decode_roofline(runner: ModelRunner, batch: int, kv: int, copy_gbps: float) -> dict[str, float]:
-    c = runner.config
-    blocks = -(-kv // runner.block_size)
-    step = DecodeBatch(list(range(batch)), [kv - 1] * batch,
-                       [list(range(i * blocks, (i + 1) * blocks)) for i in range(batch)])
-    stream = torch.cuda.Stream()
-    report = runner.capture_decode_graphs({"whole": stream}, buckets=[batch])
-    with torch.cuda.stream(stream):  # the events must sit on the stream the steps run on
-        graph_ms = time_ms(lambda: runner.decode(step, "whole"), iters=20)
-        eager_ms = time_ms(lambda: runner.decode(step, stream=stream), iters=5)
+def step_roofline_ms(c: ModelConfig, s: StepRecord, matmul_tflops: float, copy_gbps: float) -> float:
+    """The least time one forward over this step's rows can take here: its FLOPs at the measured bf16
+    matmul rate or its bytes at the measured copy bandwidth, whichever is longer.
+
+    FLOPs: 2 x layer parameters per row; the LM head for the sampled rows (each decode row, at most one
+    per prompt chunk); attention 4 x layers x q_size per (query, key) pair: each chunk's tokens over its
+    prefix and causally over themselves (the step's chunks taken as equal), each decode row over its KV.
+    Bytes: the weights once, the KV read and written (bf16)."""
+    layer_params = c.num_params(include_embeddings=False) - c.hidden_size
+    head = c.vocab_size * c.hidden_size
+    chunks = max(s.num_seqs - s.decode_seqs, 1) if s.prefill_tokens else 0
+    pairs = (s.prefill_tokens * (s.prefill_kv + s.prefill_tokens / 2) / chunks if chunks else 0.0) + s.decode_kv
+    flops = (2 * layer_params * (s.prefill_tokens + s.decode_seqs) + 2 * head * (s.decode_seqs + chunks)
+             + 4 * c.num_hidden_layers * c.q_size * pairs)
+    kv_token_bytes = 2 * c.num_hidden_layers * c.kv_size * 2
+    nbytes = 2 * (layer_params + head) + kv_token_bytes * (
+        s.prefill_kv + s.prefill_tokens + s.decode_kv + s.decode_seqs)
+    return max(flops / (matmul_tflops * 1e9), nbytes / (copy_gbps * 1e6))
+
+
+def decode_floor_ms(c: ModelConfig, batch: int, kv: int, copy_gbps: float) -> dict[str, float]:
     elem = 2  # bf16
     weight_bytes = (c.num_params(include_embeddings=False) + c.vocab_size * c.hidden_size) * elem  # + LM head
     kv_bytes = batch * kv * c.num_hidden_layers * 2 * c.kv_size * elem
-    floor_ms = (weight_bytes + kv_bytes) / copy_gbps / 1e6
-    return {"graph_ms": graph_ms, "eager_ms": eager_ms, "floor_ms": floor_ms, "ratio": graph_ms / floor_ms,
-            "weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9, "capture_s": report.seconds,
-            "capture_mib": report.memory_bytes / 2**20}
+    return {"floor_ms": (weight_bytes + kv_bytes) / copy_gbps / 1e6, "weight_gb": weight_bytes / 1e9,
+            "kv_gb": kv_bytes / 1e9}
 
 
-def prefill_rate(runner: ModelRunner, tokens: int, matmul_tflops: float) -> dict[str, float]:
-    c = runner.config
-    ids = torch.randint(0, c.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+def decode_step(runner: ModelRunner, batch: int, kv: int) -> DecodeInput:
+    blocks = -(-kv // runner.block_size)
+    return DecodeInput(list(range(batch)), [kv - 1] * batch,
+                       [list(range(i * blocks, (i + 1) * blocks)) for i in range(batch)])
+
+
+def prefill_step(runner: ModelRunner, tokens: int) -> PrefillInput:
+    ids = torch.randint(0, runner.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     # The last blocks of the cache, clear of the decode sequences.
     blocks = list(range(runner.num_kv_blocks - -(-tokens // runner.block_size), runner.num_kv_blocks))
-    batch = PrefillBatch([ids], [0], [blocks])
-    ms = time_ms(lambda: runner.prefill(batch), iters=3)
-    layer_params = c.num_params(include_embeddings=False) - c.hidden_size  # minus the final norm
-    flops = (2 * layer_params * tokens + 2 * c.vocab_size * c.hidden_size
-             + 4 * c.num_hidden_layers * c.q_size * tokens * (tokens + 1) / 2)
-    tflops = flops / ms / 1e9
-    return {"ms": ms, "tflops": tflops, "fraction": tflops / matmul_tflops}
+    return PrefillInput([ids], [0], [blocks])
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[Callable[[], object], str]:
-    """SDPA on [B, H, S, D] tensors without the math backend; GQA natively, else on expanded K/V."""
+def graphs(runner: ModelRunner, table: SplitTable, batch: int, kv: int, chunk: int) -> dict[str, Any]:
+    """Decode and prefill graphs, whole GPU and partitions, sized ("S") and unsized ("Su"): step times."""
+    total = table.total_sms
+    decode_split = table[total - DECODE_SIDE]
+    prefill = {"whole": (table.whole, None)}
+    for s in PREFILL_SIDES:
+        prefill[s] = (table[s].prefill_stream, s)
+        prefill[f"{s}u"] = (table[s].prefill_stream, None)
+    decode = {"whole": (table.whole, None), DECODE_SIDE: (decode_split.decode_stream, DECODE_SIDE),
+              f"{DECODE_SIDE}u": (decode_split.decode_stream, None)}
+    reports = runner.capture_graphs(prefill, decode, total, decode_buckets=[batch], prefill_sizes=[chunk])
+    step, pstep = decode_step(runner, batch, kv), prefill_step(runner, chunk)
+    out: dict[str, Any] = {"capture": [str(r) for r in reports], "decode_ms": {}, "prefill_ms": {}}
+    for key, (stream, _) in decode.items():
+        out["decode_ms"][str(key)] = time_ms(lambda k=key: runner.decode(step, k), iters=20, stream=stream)
+    for key, (stream, _) in prefill.items():
+        out["prefill_ms"][str(key)] = time_ms(lambda k=key: runner.prefill(pstep, key=k), iters=3, stream=stream)
+    out["prefill_ms"]["whole eager"] = time_ms(lambda: runner.prefill(pstep, table.whole), iters=3,
+                                               stream=table.whole)
+    return out
+
+
+def partition_bandwidth(table: SplitTable, decode_sides: tuple[int, ...]) -> dict[str, float]:
+    """GB/s (read + write) of an elementwise kernel over 2 GiB on the whole GPU and on decode sides:
+    the memory ceiling a side's SMs can reach."""
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    nbytes = 2 * src.numel() * src.element_size()
+    out = {"whole": nbytes / time_ms(lambda: torch.neg(src, out=dst), iters=10, stream=table.whole) / 1e6}
+    for d in decode_sides:
+        stream = table[table.total_sms - d].decode_stream
+        out[str(d)] = nbytes / time_ms(lambda: torch.neg(src, out=dst), iters=10, stream=stream) / 1e6
+    return out
+
+
+def gemm_table(c: ModelConfig, table: SplitTable, tokens: int, sms: int, phase: str = "prefill"
+               ) -> list[dict[str, Any]]:
+    """The layer's four GEMMs (and the LM head) of `tokens` rows on the `sms`-SM side of `phase`,
+    default and sized."""
+    h, i = c.hidden_size, c.intermediate_size
+    shapes = {"qkv": (h, c.q_size + 2 * c.kv_size), "o_proj": (c.q_size, h), "gate_up": (h, 2 * i), "down": (i, h),
+              "lm_head": (h, c.vocab_size)}
+    split = table[sms] if phase == "prefill" else table[table.total_sms - sms]
+    stream = split.prefill_stream if phase == "prefill" else split.decode_stream
+    rows = []
+    for name, (k, n) in shapes.items():
+        x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        whole = time_ms(lambda: x @ w.t(), iters=20, stream=table.whole)
+        default = time_ms(lambda: x @ w.t(), iters=20, stream=stream)
+        with gemms_sized_for(sms, table.total_sms):
+            sized = time_ms(lambda: x @ w.t(), iters=20, stream=stream)
+        rows.append({"gemm": f"{name} {tokens}x{k}x{n}", "sms": sms, "whole_ms": whole, "default_ms": default,
+                     "sized_ms": sized, "proportional_ms": whole * table.total_sms / sms})
+    return rows
+
+
+def _sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Callable[[], object]:
+    """SDPA's flash backend on [B, H, S, D] tensors (GQA through enable_gqa)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    fast = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
-    def run(k=k, v=v, gqa=True):
-        with sdpa_kernel(fast):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-    try:
-        run()
-        return run, "enable_gqa"
-    except RuntimeError:
-        group = q.shape[1] // k.shape[1]
-        ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        return (lambda: run(ke, ve, False)), "expanded K/V"
+    def run() -> object:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    run()
+    return run
 
 
-def attention_vs_sdpa(runner: ModelRunner, batch: int, kv: int, tokens: int) -> dict[str, float | str]:
+def attention_vs_sdpa(runner: ModelRunner, table: SplitTable, batch: int, kv: int, tokens: int) -> dict[str, Any]:
     c = runner.config
     k_cache, v_cache = runner.kv_cache.k[0], runner.kv_cache.v[0]
     k_cache.normal_()
@@ -150,38 +223,43 @@ def attention_vs_sdpa(runner: ModelRunner, batch: int, kv: int, tokens: int) -> 
     seq_lens = torch.full((batch,), kv, device=dev, dtype=torch.int32)
     q = torch.randn(batch, c.num_attention_heads, c.head_dim, device=dev, dtype=runner.dtype)
     tri_decode = time_ms(lambda: decode_attention(q, k_cache, v_cache, tables, seq_lens, scale), iters=50)
+    side = table[table.total_sms - DECODE_SIDE].decode_stream
+    on_side = {str(n): time_ms(lambda n=n: decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, num_sms=n),
+                               iters=50, stream=side) for n in (None, DECODE_SIDE)}
     k, v = (cache[:batch * blocks].view(batch, blocks * bs, c.num_key_value_heads, c.head_dim)[:, :kv]
             .transpose(1, 2).contiguous() for cache in (k_cache, v_cache))
-    sdpa_decode, how = _sdpa(q[:, :, None], k, v, causal=False)
-    sdpa_decode_ms = time_ms(sdpa_decode, iters=50)
+    sdpa_decode_ms = time_ms(_sdpa_flash(q[:, :, None], k, v, causal=False), iters=50)
 
-    pblocks = -(-tokens // bs)
-    ptable = torch.arange(pblocks, device=dev, dtype=torch.int32)[None]
-    qp = torch.randn(tokens, c.num_attention_heads, c.head_dim, device=dev, dtype=runner.dtype)
+    qkv = torch.randn(tokens, c.num_attention_heads + 2 * c.num_key_value_heads, c.head_dim, device=dev,
+                      dtype=runner.dtype)  # the fused projection's layout: k and v are strided views
+    qp, kp, vp = qkv.split([c.num_attention_heads, c.num_key_value_heads, c.num_key_value_heads], dim=1)
+    qp = qp.contiguous()
+    ptable = torch.arange(-(-tokens // bs), device=dev, dtype=torch.int32)[None]
     cu = torch.tensor([0, tokens], device=dev, dtype=torch.int32)
     plen = torch.tensor([tokens], device=dev, dtype=torch.int32)
-    tri_prefill = time_ms(lambda: prefill_attention(qp, k_cache, v_cache, cu, plen, ptable, scale, tokens), iters=20)
-    kp = k_cache[:pblocks].reshape(-1, c.num_key_value_heads, c.head_dim)[:tokens].transpose(0, 1)[None].contiguous()
-    vp = v_cache[:pblocks].reshape(-1, c.num_key_value_heads, c.head_dim)[:tokens].transpose(0, 1)[None].contiguous()
-    sdpa_prefill, how_prefill = _sdpa(qp.transpose(0, 1)[None].contiguous(), kp, vp, causal=True)
-    sdpa_prefill_ms = time_ms(sdpa_prefill, iters=20)
+    block_m = default_config(c.head_dim, runner.dtype).block_m
+    tiles = torch.from_numpy(tile_map([tokens], [0], block_m, max_tiles(tokens, 1, block_m))).to(dev)
+    tri_prefill = time_ms(lambda: prefill_attention(qp, kp, vp, k_cache, v_cache, cu, plen, ptable, tiles, scale),
+                          iters=20)
+    sdpa_prefill_ms = time_ms(_sdpa_flash(qp.transpose(0, 1)[None].contiguous(), kp.transpose(0, 1)[None].contiguous(),
+                                          vp.transpose(0, 1)[None].contiguous(), causal=True), iters=20)
     return {"decode_triton_ms": tri_decode, "decode_sdpa_ms": sdpa_decode_ms,
             "decode_ratio": tri_decode / sdpa_decode_ms, "prefill_triton_ms": tri_prefill,
-            "prefill_sdpa_ms": sdpa_prefill_ms, "prefill_ratio": tri_prefill / sdpa_prefill_ms,
-            "sdpa_gqa": {"decode": how, "prefill": how_prefill}}
+            "prefill_sdpa_flash_ms": sdpa_prefill_ms, "prefill_ratio": tri_prefill / sdpa_prefill_ms,
+            "decode_on_side_ms": on_side}
 
 
-def greedy_tokens(runner: ModelRunner, prompts: list[list[int]], n: int,
-                  key: str | None) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """n greedy tokens per prompt (one batched prefill, then batched decode, by graph when `key`),
+def greedy_tokens(runner: ModelRunner, prompts: list[list[int]], n: int, key: Any, prefill_key: Any = None
+                  ) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """n greedy tokens per prompt (one batched prefill, then batched decode; by graph under the keys),
     and each step's logits [B, vocab] (float32, on the CPU)."""
     tables = [list(range(i * 64, (i + 1) * 64)) for i in range(len(prompts))]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)] * len(prompts)
-    logits = runner.prefill(PrefillBatch(prompts, [0] * len(prompts), tables))
+    logits = runner.prefill(PrefillInput(prompts, [0] * len(prompts), tables), key=prefill_key)
     steps = [logits.float().cpu()]
     out = [[t] for t in runner.sample(logits, params, [0] * len(prompts))]
     while len(out[0]) < n:
-        step = DecodeBatch([o[-1] for o in out], [len(p) + len(o) - 1 for p, o in zip(prompts, out)], tables)
+        step = DecodeInput([o[-1] for o in out], [len(p) + len(o) - 1 for p, o in zip(prompts, out)], tables)
         logits = runner.decode(step, key)
         steps.append(logits.float().cpu())
         for o, t in zip(out, runner.sample(logits, params, [len(o) for o in out])):
@@ -213,9 +291,11 @@ def token_checks(preset: str, n: int) -> dict[str, object]:
     prompts = [tri.tokenizer.encode(t) for t in texts]
     eager = greedy_tokens(tri, prompts, n, key=None)
     stream = torch.cuda.Stream()
-    tri.capture_decode_graphs({"g": stream}, buckets=[len(texts)])
+    tokens = sum(map(len, prompts))
+    tri.capture_graphs({"g": (stream, None)}, {"g": (stream, None)}, 0, decode_buckets=[len(texts)],
+                       prefill_sizes=[tokens])
     with torch.cuda.stream(stream):  # a graph's logits are made on its stream: read them there
-        graph = greedy_tokens(tri, prompts, n, key="g")
+        graph = greedy_tokens(tri, prompts, n, key="g", prefill_key="g")
     del tri
     gc.collect()
     torch.cuda.empty_cache()
@@ -229,60 +309,87 @@ def main() -> int:
         print("model_roofline needs a CUDA GPU", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    res: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "versions": software_versions(),
-                              "model": args.model, "batch": args.batch, "kv": args.kv, "chunk": args.chunk}
+    res: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "versions": software_versions(),
+                           "model": args.model, "batch": args.batch, "kv": args.kv, "chunk": args.chunk}
     res["ceilings"] = ceil = ceilings()
     torch.cuda.empty_cache()
+    table = SplitTable(0, backend="green-contexts")
+    total = table.total_sms
     blocks = args.batch * -(-args.kv // 16) + -(-args.chunk // 16)
     t_load = time.perf_counter()
     runner = ModelRunner(args.model, max_num_seqs=args.batch, max_model_len=max(args.kv, args.chunk) + 16,
                          num_kv_blocks=blocks)
     res["load_s"] = time.perf_counter() - t_load
-    res["decode"] = decode_roofline(runner, args.batch, args.kv, ceil["copy_gbps"])
-    res["prefill"] = prefill_rate(runner, args.chunk, ceil["matmul_tflops"])
-    res["attention"] = attention_vs_sdpa(runner, args.batch, args.kv, args.chunk)
+    res["graphs"] = g = graphs(runner, table, args.batch, args.kv, args.chunk)
+    res["decode"] = d = decode_floor_ms(runner.config, args.batch, args.kv, ceil["copy_gbps"])
+    d["ratio"] = g["decode_ms"]["whole"] / d["floor_ms"]
+    c = runner.config
+    flops = (2 * (c.num_params(include_embeddings=False) - c.hidden_size) * args.chunk
+             + 2 * c.vocab_size * c.hidden_size + 4 * c.num_hidden_layers * c.q_size * args.chunk * (args.chunk + 1) / 2)
+    whole_prefill = g["prefill_ms"]["whole"]
+    res["prefill"] = p = {"tflops": flops / whole_prefill / 1e9, "fraction": flops / whole_prefill / 1e9 / ceil["matmul_tflops"]}
+    res["gemms"] = gemm_table(c, table, args.chunk, 112)
+    res["decode_gemms"] = gemm_table(c, table, args.batch, DECODE_SIDE, "decode")
+    res["bandwidth"] = bw = partition_bandwidth(table, (68, DECODE_SIDE, 124))
+    res["attention"] = a = attention_vs_sdpa(runner, table, args.batch, args.kv, args.chunk)
     del runner
     gc.collect()
     torch.cuda.empty_cache()
+    table.close()
     res["tokens"] = tokens = token_checks(args.check_model, args.gen_tokens)
     res["seconds"] = time.perf_counter() - t0
-    d, p, a = res["decode"], res["prefill"], res["attention"]
     checks = {
-        f"decode within {DECODE_TARGET}x of the HBM floor": d["ratio"] <= DECODE_TARGET,
+        f"decode graph within {DECODE_TARGET}x of the HBM floor": d["ratio"] <= DECODE_TARGET,
+        f"decode on {DECODE_SIDE} SMs within {DECODE_PARTITION_TARGET}x of the whole GPU":
+            g["decode_ms"][str(DECODE_SIDE)] <= DECODE_PARTITION_TARGET * g["decode_ms"]["whole"],
         f"prefill at >= {PREFILL_TARGET:.0%} of the matmul rate": p["fraction"] >= PREFILL_TARGET,
+        **{f"prefill on {s} SMs <= whole x {total}/{s}": g["prefill_ms"][str(s)] <= whole_prefill * total / s
+           for s in PREFILL_SIDES},
+        "prefill attention at least as fast as SDPA flash": a["prefill_ratio"] <= 1.0,
         "greedy tokens: graph == eager": tokens["graph_vs_eager"]["identical"],
         # bf16 rounding differs between the paths, so a random-weight model may flip a near-tie.
         f"greedy tokens: triton == torch, or differ only at ties < {NEAR_TIE}":
-            all(g < NEAR_TIE for g in tokens["triton_vs_torch"]["tie_gaps"]),
+            all(gap < NEAR_TIE for gap in tokens["triton_vs_torch"]["tie_gaps"]),
     }
     res["checks"] = checks
     rows = [
         ("copy bandwidth (read+write)", f"{ceil['copy_gbps']:.0f} GB/s"),
         ("bf16 matmul 8192^3", f"{ceil['matmul_tflops']:.0f} TFLOP/s"),
         (f"{args.model}: random weights built", f"{res['load_s']:.1f} s"),
-        (f"decode {args.batch} x {args.kv} (graph)",
-         f"{d['graph_ms']:.2f} ms = {d['ratio']:.2f}x floor {d['floor_ms']:.2f} ms "
+        ("graphs captured", "; ".join(g["capture"])),
+        (f"decode {args.batch} x {args.kv} graph, whole GPU",
+         f"{g['decode_ms']['whole']:.2f} ms = {d['ratio']:.2f}x floor {d['floor_ms']:.2f} ms "
          f"({d['weight_gb']:.1f} GB weights + {d['kv_gb']:.1f} GB KV)"),
-        ("decode eager", f"{d['eager_ms']:.2f} ms"),
-        ("decode graph capture", f"{d['capture_s']:.2f} s, {d['capture_mib']:.0f} MiB"),
-        (f"prefill {args.chunk} tokens",
-         f"{p['ms']:.1f} ms = {p['tflops']:.0f} TFLOP/s = {p['fraction']:.0%} of matmul"),
-        ("decode attention triton / sdpa",
+        (f"decode on {DECODE_SIDE} SMs sized / unsized",
+         f"{g['decode_ms'][str(DECODE_SIDE)]:.2f} / {g['decode_ms'][f'{DECODE_SIDE}u']:.2f} ms = "
+         f"{g['decode_ms'][str(DECODE_SIDE)] / g['decode_ms']['whole']:.3f}x / "
+         f"{g['decode_ms'][f'{DECODE_SIDE}u'] / g['decode_ms']['whole']:.3f}x whole"),
+        (f"prefill {args.chunk} graph / eager, whole GPU",
+         f"{whole_prefill:.1f} / {g['prefill_ms']['whole eager']:.1f} ms = {p['tflops']:.0f} TFLOP/s = "
+         f"{p['fraction']:.0%} of matmul"),
+        *[(f"prefill on {s} SMs sized / unsized (target {whole_prefill * total / s:.1f})",
+           f"{g['prefill_ms'][str(s)]:.1f} / {g['prefill_ms'][f'{s}u']:.1f} ms") for s in PREFILL_SIDES],
+        *[(f"GEMM {r['gemm']} on {r['sms']} SMs", f"whole {r['whole_ms']:.3f}, default {r['default_ms']:.3f}, "
+           f"sized {r['sized_ms']:.3f}, proportional {r['proportional_ms']:.3f} ms")
+          for r in res["gemms"] + res["decode_gemms"]],
+        ("elementwise bandwidth, whole / decode sides", ", ".join(f"{k}: {v:.0f} GB/s" for k, v in bw.items())),
+        ("decode attention triton / sdpa flash",
          f"{a['decode_triton_ms']:.3f} / {a['decode_sdpa_ms']:.3f} ms = {a['decode_ratio']:.2f}x"),
-        ("prefill attention triton / sdpa",
-         f"{a['prefill_triton_ms']:.3f} / {a['prefill_sdpa_ms']:.3f} ms = {a['prefill_ratio']:.2f}x"
-         f" (sdpa GQA: {a['sdpa_gqa']})"),
+        (f"decode attention on {DECODE_SIDE} SMs, grid for 132 / for {DECODE_SIDE}",
+         f"{a['decode_on_side_ms']['None']:.3f} / {a['decode_on_side_ms'][str(DECODE_SIDE)]:.3f} ms"),
+        ("prefill attention triton / sdpa flash",
+         f"{a['prefill_triton_ms']:.3f} / {a['prefill_sdpa_flash_ms']:.3f} ms = {a['prefill_ratio']:.2f}x"),
         *[(f"{args.check_model} greedy: {name.replace('_', ' ')}",
            f"identical {c['identical']}, tokens agree up to {c['agree_up_to']} of {args.gen_tokens}, "
-           f"tie gaps {[round(g, 3) for g in c['tie_gaps']]}, max |logit diff| before {c['max_logit_diff']:.3f}")
+           f"tie gaps {[round(gap, 3) for gap in c['tie_gaps']]}, max |logit diff| before {c['max_logit_diff']:.3f}")
           for name, c in tokens.items()],
     ] + [(name, "PASS" if ok else "FAIL") for name, ok in checks.items()]
-    table = Table(title=f"model roofline on {res['gpu']} ({res['seconds']:.0f} s)")
-    table.add_column("measurement")
-    table.add_column("result")
+    out_table = Table(title=f"model roofline on {res['gpu']} ({res['seconds']:.0f} s)")
+    out_table.add_column("measurement")
+    out_table.add_column("result")
     for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+        out_table.add_row(*row)
+    Console(width=200).print(out_table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model_roofline.json").write_text(json.dumps(res, indent=2, default=str))

@@ -58,6 +58,7 @@ from rich.table import Table
 
 from nexus_tune.replay import (STOP_DEADLINE, STOP_SLO, PolicyEngine, Replay, capped_trace, dist, find_profile,
                                interference, make_prompts, probe_prompts, release_gpu, step_counts)
+from benchmarks.model_roofline import step_roofline_ms
 from engine.config import ModelConfig
 from engine.llm import EngineError
 from engine.loader import resolve_config
@@ -306,26 +307,6 @@ def slo_misses(records: list[metrics.RequestRecord], slos: dict[str, float]) -> 
     for name, limit in slos.items():
         out[name] = sum(getattr(r, f"{name}_ms") > limit for r in done)
     return out
-
-
-def step_roofline_ms(c: ModelConfig, s: StepRecord, matmul_tflops: float, copy_gbps: float) -> float:
-    """The least time one forward over this step's rows can take here: its FLOPs at the measured bf16
-    matmul rate or its bytes at the measured copy bandwidth, whichever is longer.
-
-    FLOPs: 2 x layer parameters per row; the LM head for the sampled rows (each decode row, at most one
-    per prompt chunk); attention 4 x layers x q_size per (query, key) pair: each chunk's tokens over its
-    prefix and causally over themselves (the step's chunks taken as equal), each decode row over its KV.
-    Bytes: the weights once, the KV read and written (bf16)."""
-    layer_params = c.num_params(include_embeddings=False) - c.hidden_size
-    head = c.vocab_size * c.hidden_size
-    chunks = max(s.num_seqs - s.decode_seqs, 1) if s.prefill_tokens else 0
-    pairs = (s.prefill_tokens * (s.prefill_kv + s.prefill_tokens / 2) / chunks if chunks else 0.0) + s.decode_kv
-    flops = (2 * layer_params * (s.prefill_tokens + s.decode_seqs) + 2 * head * (s.decode_seqs + chunks)
-             + 4 * c.num_hidden_layers * c.q_size * pairs)
-    kv_token_bytes = 2 * c.num_hidden_layers * c.kv_size * 2
-    nbytes = 2 * (layer_params + head) + kv_token_bytes * (
-        s.prefill_kv + s.prefill_tokens + s.decode_kv + s.decode_seqs)
-    return max(flops / (matmul_tflops * 1e9), nbytes / (copy_gbps * 1e6))
 
 
 def chunked_efficiency(steps: list[StepRecord], config: ModelConfig, model: LatencyModel, total_sms: int,

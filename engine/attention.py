@@ -26,8 +26,9 @@ class BackendError(RuntimeError):
 class AttentionMetadata:
     """Where each new token's K/V goes and what each sequence attends to.
 
-    `max_q_len` and `max_seq_len` are host ints (kernel grids and the reference path's gather
-    width), known when the batch is built, so reading them costs no device sync.
+    `max_seq_len` (the reference path's gather width) and `num_sms` are host ints, known when the
+    batch is built, so reading them costs no device sync; every kernel grid comes from shapes, so
+    a step can be captured in a CUDA graph and replayed with new contents in the same tensors.
     """
 
     is_prefill: bool
@@ -35,8 +36,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32: KV length including the new tokens
     cu_seqlens_q: torch.Tensor | None  # [B+1] int32, prefill only
-    max_q_len: int
     max_seq_len: int
+    tiles: torch.Tensor | None = None  # prefill on Triton: [N, 2] int32 tile map (engine.kernels.tile_map)
+    num_sms: int | None = None  # the SMs the step runs on (a partition), None: the whole device
 
 
 @functools.cache
@@ -81,19 +83,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      meta: AttentionMetadata, scale: float, backend: str) -> torch.Tensor:
     """q [B, Hq, D] (one new token per sequence) -> [B, Hq, D]."""
     if backend == "triton":
-        return triton_kernels().decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        return triton_kernels().decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                                 num_sms=meta.num_sms)
     # Gather a fixed width (max_seq_len) and mask: no host sync, so this path is graph-capturable.
     k, v = _gather(k_cache, meta.block_tables, meta.max_seq_len), _gather(v_cache, meta.block_tables, meta.max_seq_len)
     keep = torch.arange(k.shape[1], device=q.device)[None, :] < meta.seq_lens[:, None]
     return _attend(q[:, None], k, v, keep[:, None, :], scale)[:, 0]
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float, backend: str) -> torch.Tensor:
-    """q [T, Hq, D] packed over sequences -> [T, Hq, D]; causal, with each sequence's cached prefix."""
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, backend: str) -> torch.Tensor:
+    """q [T, Hq, D] packed over sequences -> [T, Hq, D]; causal, with each sequence's cached prefix.
+
+    k, v [T, Hkv, D] are the new tokens' own keys and values, already stored in the caches too: the
+    Triton kernel reads them from here (contiguous), the reference from the caches."""
     if backend == "triton":
-        return triton_kernels().prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                                  meta.block_tables, scale, meta.max_q_len)
+        return triton_kernels().prefill_attention(q, k, v, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
+                                                  meta.block_tables, meta.tiles, scale)
     out = torch.empty_like(q)
     cu, seq_lens = meta.cu_seqlens_q.tolist(), meta.seq_lens.tolist()  # reference path: syncs are fine
     for b, seq_len in enumerate(seq_lens):

@@ -35,11 +35,12 @@ import torch
 from engine.loader import resolve_config
 from engine.loops import LoopContext, Placement, StepLog, StepRecord, make_loops
 from engine.model_runner import ModelRunner, resolve_device
-from engine.sampling import check_stop
+from engine.sampling import TokenLogprobs, check_stop
 from nexus_tune.block_manager import BlockManager
 from nexus_tune.controller import ControllerKnobs
 from nexus_tune.latency_model import LatencyModel
-from nexus_tune.metrics import RequestRecord
+from nexus_tune.metrics import RequestRecord, parse_slos
+from nexus_tune.overhead import StepTimes
 from nexus_tune.partition import GREEN_CONTEXTS, TIME_SHARING, SplitTable
 from nexus_tune.profile import Profile, ProfileError, profile_path
 from nexus_tune.scheduler import MIXED_TOKEN_BUDGET, Scheduler, parse_policy
@@ -68,6 +69,7 @@ class TokenOutput:
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
     metrics: RequestRecord | None = None  # on the last output
+    logprobs: TokenLogprobs | None = None  # when the request's params ask for logprobs
 
 
 @dataclass
@@ -81,6 +83,7 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestRecord
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the params ask for logprobs
 
 
 Route = Callable[[list[TokenOutput]], None]  # receives a step's outputs, on a loop thread
@@ -166,7 +169,8 @@ class OutputProcessor:
     def request_ids(self) -> list[str]:
         return list(self._requests)
 
-    def process(self, seq: Sequence, token_id: int, now: float) -> bool:
+    def process(self, seq: Sequence, token_id: int, now: float, logprobs: TokenLogprobs | None = None) -> bool:
+        """A sampled token (with its logprobs when the request asked); True when the request finished."""
         req = self._requests.get(seq.seq_id)
         if req is None:  # aborted while its step ran
             return False
@@ -188,7 +192,7 @@ class OutputProcessor:
             end = len(text)
         delta = text[req.sent:end] if end > req.sent else ""
         req.sent = max(req.sent, end)
-        out = TokenOutput(seq.seq_id, token_id, delta)
+        out = TokenOutput(seq.seq_id, token_id, delta, logprobs=logprobs)
         if stop is not None:
             del self._requests[seq.seq_id]
             record.output_tokens, record.finish_s, record.success = len(req.token_ids), now, True
@@ -310,7 +314,8 @@ class EngineCore:
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  num_kv_blocks: int | None = None, seed: int = 0, *, knobs: ControllerKnobs | None = None,
                  mixed_token_budget: int = MIXED_TOKEN_BUDGET, block_size: int = 16, step_log: bool = False,
-                 online_update: bool | None = None):
+                 online_update: bool | None = None, dtype: torch.dtype | None = None,
+                 slo: str | dict | None = None):
         with _engine_errors():
             name, _ = parse_policy(policy)
             two_loops = name in ("nexus", "static")
@@ -318,26 +323,29 @@ class EngineCore:
             self.device = resolve_device(device)
             cuda = self.device.type == "cuda"
             self.profile = load_profile(profile, model, self.device) if name == "nexus" else None
-            if knobs is None and self.profile is not None and self.profile.tuned_knobs:
-                knobs = ControllerKnobs.from_dict(self.profile.tuned_knobs)
-            knobs = knobs or ControllerKnobs()
+            if knobs is None:
+                knobs = ControllerKnobs.for_profile(self.profile) if self.profile else ControllerKnobs()
+            knobs = knobs.with_slos(parse_slos(slo))
             # Splits first: the KV cache is sized from the memory left after them.
-            self.table = SplitTable(self.device.index or 0, backend="auto" if two_loops else TIME_SHARING,
+            self.table = SplitTable(self.device.index or 0, backend="auto" if two_loops and cuda else TIME_SHARING,
                                     warn=two_loops and cuda)
             try:
                 self.runner = ModelRunner(
-                    model, device=self.device, seed=seed, block_size=block_size, num_kv_blocks=num_kv_blocks,
-                    gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                    max_model_len=max_model_len,
+                    model, device=self.device, dtype=dtype, seed=seed, block_size=block_size,
+                    num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
+                    max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                     max_num_batched_tokens=knobs.prefill_chunk_tokens if two_loops else mixed_token_budget)
                 total, splits = _sm_layout(self.table, self.profile)
-                # A private copy of the latency model: online corrections must not leak into the caller's.
-                latency_model = LatencyModel.from_dict(self.profile.latency_model.to_dict()) if self.profile else None
+                # The controller's step times, over a private copy of the latency model: online
+                # corrections must not leak into the caller's.
+                step_times = (StepTimes(LatencyModel.from_dict(self.profile.latency_model.to_dict()),
+                                        self.profile.step_overhead) if self.profile else None)
                 self.scheduler = Scheduler(policy, BlockManager(self.runner.num_kv_blocks, block_size), knobs,
                                            max_num_seqs=max_num_seqs, total_sms=total, split_sms=splits,
-                                           model=latency_model, mixed_token_budget=mixed_token_budget)
-                self.placement = Placement(self.table, total, two_loops, graphs=cuda)
-                self.graph_report = self._capture_graphs(name, total, splits) if cuda else None
+                                           model=step_times, mixed_token_budget=mixed_token_budget)
+                self.placement = Placement(self.table, total, two_loops, cuda=cuda)
+                prefill_tokens = knobs.prefill_chunk_tokens if two_loops else mixed_token_budget
+                self.graph_report = self._capture_graphs(name, total, splits, prefill_tokens) if cuda else None
             except BaseException:
                 self.table.close()
                 raise
@@ -348,20 +356,22 @@ class EngineCore:
         self._stopping = threading.Event()
         self.ctx = LoopContext(self.runner, self.scheduler, self.placement, self.processor, self._stopping,
                                self._fatal, StepLog(self.device) if step_log else None,
-                               latency_model if update else None)
+                               step_times if update else None)
         self._threads: list[threading.Thread] = []
         self.failure: BaseException | None = None
         self._closed = False
 
-    def _capture_graphs(self, policy: str, total: int, splits: list[int]) -> Any:
-        """Decode graphs for every decode SM count the policy can launch on."""
-        if policy == "nexus":  # any split, or all SMs when no prompt waits
-            decode_sms = [total - p for p in splits] + [total]
+    def _capture_graphs(self, policy: str, total: int, splits: list[int], prefill_tokens: int) -> Any:
+        """Prefill and decode graphs for every side each phase can launch on under the policy."""
+        if policy == "nexus":  # any split, or all SMs when the other phase is idle
+            prefill_sms, decode_sms = splits + [total], [total - p for p in splits] + [total]
         elif policy == "static":
-            decode_sms = [total - self.scheduler.static_sms]
+            prefill_sms, decode_sms = [self.scheduler.static_sms], [total - self.scheduler.static_sms]
         else:
-            decode_sms = [total]
-        return self.runner.capture_decode_graphs(self.placement.graph_streams(decode_sms))
+            prefill_sms = decode_sms = [total]
+        place = self.placement
+        return self.runner.capture_graphs(place.sides("prefill", prefill_sms), place.sides("decode", decode_sms),
+                                          total, prefill_tokens=prefill_tokens)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -412,6 +422,8 @@ class EngineCore:
 
     def add(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams, route: Route) -> None:
         """Queue a request; its outputs go to `route` from a loop thread. ValueError for a bad request."""
+        if self._closed:
+            raise EngineError("the engine was shut down")
         if self.failure is not None:
             raise EngineError(f"the engine stopped after an internal error: {self.failure}")
         ids = [int(t) for t in prompt_token_ids]
@@ -459,10 +471,13 @@ class EngineCore:
 
 _ENGINE_DOC = """
     `policy`: nexus | chunked | prefill-first | static:N. `profile`: a Profile, or the path of one
-    (nexus only; default profiles/<gpu-slug>/<model-slug>.json). Keyword-only extras: `knobs`
-    (ControllerKnobs; default: the profile's tuned knobs), `mixed_token_budget` (chunked and
+    (nexus only; default profiles/<gpu-slug>/<model-slug>.json). Keyword-only extras: `slo`
+    ("ttft=MS,tpot=MS" or {"ttft": ms, "tpot": ms}: the targets the nexus controller plans for;
+    default: the tuned knobs' in the profile, else ttft=3000,tpot=50), `knobs` (ControllerKnobs;
+    default: the profile's tuned knobs, else derived from the profile), `mixed_token_budget` (chunked and
     prefill-first), `block_size`, `step_log` (per-step CUDA-event timings, see step_records()),
-    `online_update` (feed step times to the latency model; default on under nexus on a GPU).
+    `online_update` (feed step times to the latency model; default on under nexus on a GPU), `dtype`
+    (the weights' and KV cache's; default bf16 on a GPU, float32 on a CPU).
     Raises EngineError when the engine cannot start as configured.
 """
 
@@ -477,6 +492,10 @@ class AsyncLLM:
                                num_kv_blocks, seed, **extra)
         self.tokenizer = self.core.tokenizer
         self.max_model_len = self.core.max_model_len
+        # The most tokens (prompt + output) one request can hold: the context, or the KV cache when
+        # smaller (the scheduler refuses what needs more blocks; the last token needs no KV slot).
+        runner = self.core.runner
+        self.max_request_tokens = min(self.max_model_len, runner.num_kv_blocks * runner.block_size + 1)
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
         self._routes: dict[asyncio.AbstractEventLoop, Route] = {}
 
@@ -506,7 +525,11 @@ class AsyncLLM:
                 self.core.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        """Drop a request; a `generate` still iterating it ends with an output of finish_reason "abort"."""
         self.core.abort(request_id)
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(TokenOutput(request_id, None, "", True, "abort", error="the request was aborted"))
 
     def stats(self) -> dict[str, Any]:
         return self.core.stats()
@@ -579,12 +602,15 @@ class LLM:
                 for request_id in added:
                     self.core.abort(request_id)
             self.core.stop()
-        return [self._output(r, prompt, collector.outputs[r]) for r, prompt in zip(request_ids, ids)]
+        return [self._output(r, prompt, p, collector.outputs[r]) for r, prompt, p in zip(request_ids, ids, params)]
 
-    def _output(self, request_id: str, prompt: list[int], outs: list[TokenOutput]) -> RequestOutput:
+    def _output(self, request_id: str, prompt: list[int], params: SamplingParams,
+                outs: list[TokenOutput]) -> RequestOutput:
         last = outs[-1]
-        return RequestOutput(request_id, prompt, [o.token_id for o in outs if o.token_id is not None],
-                             "".join(o.text for o in outs), last.finish_reason, last.metrics, last.error)
+        tokens = [o for o in outs if o.token_id is not None]
+        logprobs = [o.logprobs for o in tokens] if params.logprobs is not None else None
+        return RequestOutput(request_id, prompt, [o.token_id for o in tokens], "".join(o.text for o in outs),
+                             last.finish_reason, last.metrics, last.error, logprobs)
 
     def stats(self) -> dict[str, Any]:
         return self.core.stats()

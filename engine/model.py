@@ -96,8 +96,10 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if run_attention:
             store_kv(k, v, k_cache, v_cache, meta, self.backend)
-            attend = prefill_attention if meta.is_prefill else decode_attention
-            out = attend(q, k_cache, v_cache, meta, self.scale, self.backend)
+            if meta.is_prefill:
+                out = prefill_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.backend)
+            else:
+                out = decode_attention(q, k_cache, v_cache, meta, self.scale, self.backend)
         else:
             out = q  # dense-only profiling: same shapes into o_proj, no attention op
         return self.o_proj(out.reshape(t, self.q_size))

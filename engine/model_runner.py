@@ -1,90 +1,53 @@
-"""`ModelRunner`: the model, its paged KV cache and its decode CUDA graphs, behind two calls.
+"""`ModelRunner`: the model, its paged KV cache and its CUDA graphs, behind two calls.
 
-`prefill(batch, stream)` runs chunks of several sequences packed into one forward pass;
-`decode(batch, key)` runs one token per sequence, replaying the CUDA graph captured for that
-SM split (`key`) and the smallest batch bucket that holds the batch, or eagerly when there is
-none. Both return logits for the last token of each sequence, produced on the step's stream;
-`sample(logits, params, steps, stream)` draws the next tokens on that same stream.
+`prefill(batch, stream, key)` runs chunks of several sequences packed into one forward pass;
+`decode(batch, key, stream)` runs one token per sequence. Both return logits for the last token of
+each sequence, produced on the step's stream. With `key` (a split side the graphs were captured
+for) a step replays the graph of the smallest bucket that holds it (prefill: tokens, decode:
+sequences), else it runs eagerly. `sample(logits, params, steps, stream)` draws the next tokens.
 
-Inputs are built on the host with numpy and copied once per tensor from pinned memory
-(non-blocking), so a step never waits for the GPU. The runner also implements the profiler's
-`PhaseRunner` protocol (nexus_tune/runner.py): `prefill_fn` / `decode_fn` with part
-"all" | "attention" | "dense", inputs prepared before the returned callable runs.
+Inputs are built on the host with numpy and reach the device in one pinned non-blocking copy
+(engine/step_inputs.py), so a step never waits for the GPU; a token still on the device (sampled
+by the previous step, whose tokens the host has not seen yet) is gathered there from `prev_ids`.
+The runner also implements the profiler's `PhaseRunner` protocol (nexus_tune/runner.py):
+`prefill_fn` / `decode_fn` with part "all" | "attention" | "dense", captured as graphs on the
+stream (and with GEMMs sized for the SMs) the profiler names, exactly as the engine runs them.
 
 Thread use: a prefill thread and a decode thread may call one runner at once (on their own
-streams); sequences own disjoint KV blocks, and only the decode side touches the graphs.
+streams); sequences own disjoint KV blocks, and each path has its own buffers and graphs.
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, decode_attention, prefill_attention, resolve_backend, store_kv
 from engine.config import ModelConfig
+from engine.cuda_graphs import GraphCaptureReport, GraphSet, capture
 from engine.kv_cache import KVCache, activation_bytes, num_blocks_for_device
 from engine.loader import load_model
 from engine.sampling import sample
+from engine.step_inputs import DecodeInput, DecodeRows, PrefillArrays, PrefillInput, Staging, prefill_arrays
 from engine.tokenizer import load_tokenizer
 from nexus_tune.runner import PARTS
 from nexus_tune.sequence import SamplingParams
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
-@dataclass
-class PrefillBatch:
-    """One chunk per sequence: its new tokens, the tokens already in its KV, its block table."""
-
-    token_ids: list[list[int]]
-    prefix_lens: list[int]
-    block_tables: list[list[int]]  # covering prefix + chunk
-
-
-@dataclass
-class DecodeBatch:
-    """One new token per sequence, at `position` (= tokens already in its KV cache)."""
-
-    token_ids: list[int]
-    positions: list[int]
-    block_tables: list[list[int]]  # covering position + 1 tokens
-
-
-@dataclass(frozen=True)
-class GraphCaptureReport:
-    keys: list[Hashable]
-    buckets: list[int]
-    num_graphs: int
-    seconds: float
-    memory_bytes: int  # device memory the graphs and their static buffers took
-
-    def __str__(self) -> str:
-        return (f"captured {self.num_graphs} decode CUDA graphs ({len(self.keys)} splits x buckets "
-                f"{self.buckets}) in {self.seconds:.1f} s using {self.memory_bytes / 2**20:.0f} MiB")
-
-
-class _DecodeBuffers:
-    """The static inputs and logits every decode graph reads and writes (shared by all of them).
-
-    Rows beyond a batch are padding: token 0 at position 0, writing and reading the scratch block.
-    """
-
-    def __init__(self, rows: int, max_blocks: int, vocab: int, kv: KVCache, device: torch.device, dtype: torch.dtype):
-        scratch_slot = kv.scratch_block * kv.block_size
-        self.input_ids = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((rows,), scratch_slot, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
-        self.block_tables = torch.full((rows, max_blocks), kv.scratch_block, dtype=torch.int32, device=device)
-        self.logits = torch.empty(rows, vocab, dtype=dtype, device=device)
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """Token buckets of the prefill graphs up to `max_tokens`: padding wastes at most 1/8 above 1024
+    tokens, where steps are compute-bound; below, fewer graphs (small steps are weight-bound)."""
+    sizes = [16, 32, 64, 128, 256] + list(range(384, 1025, 128)) + list(range(1280, 2049, 256)) \
+        + list(range(2560, 4097, 512)) + list(range(5120, 8193, 1024))
+    return [b for b in sizes if b < max_tokens] + [max_tokens]
 
 
 class ModelRunner:
@@ -126,12 +89,17 @@ class ModelRunner:
         log.info("loaded %s (%s, %s, backend %s) in %.1f s; KV cache %d blocks x %d tokens (%.2f GiB)",
                  self.config.name, self.device, self.dtype, self.backend, time.perf_counter() - t0,
                  num_kv_blocks, block_size, self.kv_cache.nbytes / 2**30)
-        self._static: _DecodeBuffers | None = None
-        self._graphs: dict[tuple[Hashable, int], torch.cuda.CUDAGraph] = {}
-        self._graph_streams: dict[Hashable, torch.cuda.Stream] = {}
-        self._graph_buckets: dict[Hashable, list[int]] = {}
-        self._graph_pool = None
-        self._last_graph_stream: torch.cuda.Stream | None = None
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self._block_m = _tile_rows(self.config.head_dim, self.dtype) if self.backend == "triton" else None
+        # Each path (prefill, decode) has its own staging, rows and graphs: two loops call it at once.
+        self._prefill_staging = Staging(self.device)
+        self._decode_staging = Staging(self.device)
+        self._decode_rows = DecodeRows(max_num_seqs, self.max_blocks_per_seq, block_size,
+                                       self.kv_cache.scratch_block, self.device)
+        self._decode_logits = torch.empty(max_num_seqs, self.config.vocab_size, dtype=self.dtype, device=self.device)
+        self._prefill_static: _PrefillBuffers | None = None
+        self._graphs: dict[str, GraphSet] = {}
+        self._last_stream: dict[str, torch.cuda.Stream | None] = {"prefill": None, "decode": None}
 
     @property
     def num_kv_blocks(self) -> int:
@@ -144,31 +112,46 @@ class ModelRunner:
     # -- the two steps ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, batch: PrefillBatch, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
-        """Logits [B, vocab] of each sequence's last chunk token, computed on `stream`."""
+    def prefill(self, batch: PrefillInput, stream: torch.cuda.Stream | None = None, key: Hashable | None = None,
+                prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, vocab] of each sequence's last chunk token, computed on `stream` (with `key`: that
+        side's stream, by graph when a bucket holds the batch). Graph logits are a view of a shared
+        buffer: consume them before the next prefill call."""
+        graphs = self._graphs.get("prefill")
+        bucket = None
+        if key is not None and graphs is not None and key in graphs:
+            stream = graphs.stream(key)
+            bucket = graphs.bucket(key, sum(map(len, batch.token_ids)))
         with _on(stream):
-            input_ids, positions, meta, last = self._prepare_prefill(batch)
-            hidden = self.model(input_ids, positions, self.kv_cache, meta)
-            return self.model.compute_logits(hidden[last])
+            self._follow("prefill", stream)
+            if bucket is not None:
+                return self._prefill_replay(batch, key, bucket, prev_ids)
+            arrays = prefill_arrays(batch, self.block_size, self.max_model_len, self._scratch_slot, self._block_m)
+            ids, positions, meta, last = self._prefill_tensors(arrays, self._prefill_staging, prev_ids)
+            return self._forward_last(ids, positions, meta, last)
 
     @torch.inference_mode()
-    def decode(self, batch: DecodeBatch, key: Hashable | None = None,
-               stream: torch.cuda.Stream | None = None) -> torch.Tensor:
-        """Logits [B, vocab] of one step. With `key`, on that split's stream, by graph when a bucket fits.
+    def decode(self, batch: DecodeInput, key: Hashable | None = None, stream: torch.cuda.Stream | None = None,
+               prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, vocab] of one step. With `key`, on that side's stream, by graph when a bucket fits.
 
-        A graph's logits are a view of a shared buffer: consume them before the next decode call.
+        Graph logits are a view of a shared buffer: consume them before the next decode call.
         """
+        n = len(batch.token_ids)
+        graphs = self._graphs.get("decode")
+        bucket = None
         if key is not None:
-            if key not in self._graph_streams:
-                raise KeyError(f"no decode graphs were captured for split {key!r}")
-            stream = self._graph_streams[key]
-            bucket = next((b for b in self._graph_buckets[key] if b >= len(batch.token_ids)), None)
-            if bucket is not None:
-                return self._replay(batch, key, bucket)
+            if graphs is None or key not in graphs:
+                raise KeyError(f"no decode graphs were captured for split side {key!r}")
+            stream = graphs.stream(key)
+            bucket = graphs.bucket(key, n)
         with _on(stream):
-            input_ids, positions, meta = self._prepare_decode(batch)
-            hidden = self.model(input_ids, positions, self.kv_cache, meta)
-            return self.model.compute_logits(hidden)
+            self._follow("decode", stream)
+            self._decode_rows.load(batch, bucket or n, self._decode_staging, prev_ids, self.max_model_len)
+            if bucket is not None:
+                graphs.replay(key, bucket)
+                return self._decode_logits[:n]
+            return self._decode_forward(self._decode_rows, n, None, max(batch.positions) + 1)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int],
@@ -177,187 +160,131 @@ class ModelRunner:
         with _on(stream):
             return sample(logits, params, steps).tolist()
 
-    # -- inputs ---------------------------------------------------------------------------------
+    def _follow(self, path: str, stream: torch.cuda.Stream | None) -> None:
+        """Order this step after the path's previous one when it ran on another side's stream: they
+        share the path's buffers (and the next step's tokens may come from the previous one's)."""
+        last = self._last_stream[path]
+        if stream is not None and last is not None and last != stream:
+            stream.wait_stream(last)
+        self._last_stream[path] = stream
 
-    def _host(self, array: np.ndarray) -> torch.Tensor:
-        """`array` as a host tensor, pinned on CUDA so that copies from it do not block the host."""
-        t = torch.from_numpy(array)
-        return t.pin_memory() if self.device.type == "cuda" else t
+    @property
+    def _scratch_slot(self) -> int:
+        return self.kv_cache.scratch_block * self.block_size
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return self._host(array).to(self.device, non_blocking=True)
+    # -- forward passes (eager, or inside a graph) ------------------------------------------------
 
-    def _check_lengths(self, seq_lens: np.ndarray, block_tables: list[list[int]]) -> None:
-        longest = int(seq_lens.max())
-        if longest > self.max_model_len:
-            raise ValueError(f"a sequence of {longest} tokens exceeds max_model_len {self.max_model_len}")
-        for n, table in zip(seq_lens.tolist(), block_tables):
-            if len(table) * self.block_size < n:
-                raise ValueError(f"a block table of {len(table)} blocks cannot hold {n} tokens")
-
-    def _prepare_prefill(self, batch: PrefillBatch
+    def _prefill_tensors(self, a: PrefillArrays, staging: Staging, prev_ids: torch.Tensor | None
                          ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        q_lens = np.array([len(t) for t in batch.token_ids], dtype=np.int64)
-        if q_lens.size == 0 or q_lens.min() < 1:
-            raise ValueError("a prefill batch needs at least one sequence and one token per sequence")
-        prefix = np.array(batch.prefix_lens, dtype=np.int64)
-        seq_lens = prefix + q_lens
-        self._check_lengths(seq_lens, batch.block_tables)
-        cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
-        cu[1:] = np.cumsum(q_lens)
-        seq_idx = np.repeat(np.arange(len(q_lens)), q_lens)
-        positions = np.arange(cu[-1]) - cu[seq_idx] + prefix[seq_idx]
-        tables = _block_table_array(batch.block_tables, len(q_lens), fill=0)
-        bs = self.block_size
-        slots = tables[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs
-        input_ids = np.fromiter(itertools.chain.from_iterable(batch.token_ids), dtype=np.int64, count=int(cu[-1]))
-        meta = AttentionMetadata(
-            is_prefill=True, slot_mapping=self._to_device(slots), block_tables=self._to_device(tables),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)), cu_seqlens_q=self._to_device(cu),
-            max_q_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()))
-        last = (cu[1:] - 1).astype(np.int64)
-        return self._to_device(input_ids), self._to_device(positions), meta, self._to_device(last)
+        """Device tensors of host arrays `a` (unpadded), the tokens from `prev_ids` filled in."""
+        tiles = a.tiles if a.tiles is not None else np.zeros((0, 2), dtype=np.int32)
+        rows, cu, lens, last, tables, tiles, dst, src = staging.upload(
+            a.token_rows, a.cu_seqlens, a.seq_lens, a.last, a.tables, tiles, a.src_dst, a.src_idx)
+        _fill_from_device(rows[0], dst, src, prev_ids)
+        meta = AttentionMetadata(is_prefill=True, slot_mapping=rows[2], block_tables=tables, seq_lens=lens,
+                                 cu_seqlens_q=cu, max_seq_len=a.max_seq_len, tiles=tiles)
+        return rows[0], rows[1], meta, last
 
-    def _decode_arrays(self, batch: DecodeBatch, rows: int) -> dict[str, np.ndarray]:
-        """Host inputs of a decode step padded to `rows` (padding reads and writes the scratch block)."""
-        n = len(batch.token_ids)
-        if n == 0:
-            raise ValueError("a decode batch needs at least one sequence")
-        positions = np.zeros(rows, dtype=np.int64)
-        positions[:n] = batch.positions
-        seq_lens = np.ones(rows, dtype=np.int32)
-        seq_lens[:n] = positions[:n] + 1
-        self._check_lengths(seq_lens[:n], batch.block_tables)
-        scratch = self.kv_cache.scratch_block
-        tables = _block_table_array(batch.block_tables, rows, fill=scratch)
-        slots = np.full(rows, scratch * self.block_size, dtype=np.int64)
-        slots[:n] = (tables[np.arange(n), positions[:n] // self.block_size].astype(np.int64) * self.block_size
-                     + positions[:n] % self.block_size)
-        input_ids = np.zeros(rows, dtype=np.int64)
-        input_ids[:n] = batch.token_ids
-        return {"input_ids": input_ids, "positions": positions, "seq_lens": seq_lens, "slot_mapping": slots,
-                "block_tables": tables}
+    def _forward_last(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, last: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.model(ids, positions, self.kv_cache, meta)
+        return self.model.compute_logits(hidden[last], out=out)
 
-    def _prepare_decode(self, batch: DecodeBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        a = self._decode_arrays(batch, len(batch.token_ids))
-        meta = AttentionMetadata(
-            is_prefill=False, slot_mapping=self._to_device(a["slot_mapping"]),
-            block_tables=self._to_device(a["block_tables"]), seq_lens=self._to_device(a["seq_lens"]),
-            cu_seqlens_q=None, max_q_len=1, max_seq_len=int(a["seq_lens"].max()))
-        return self._to_device(a["input_ids"]), self._to_device(a["positions"]), meta
+    def _decode_forward(self, rows: DecodeRows, n: int, sms: int | None, max_seq_len: int,
+                        logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode step over rows [0, n) of `rows` (what every decode graph captures), into `logits`."""
+        ids, positions, slots = rows.tokens[:, :n]
+        meta = AttentionMetadata(is_prefill=False, slot_mapping=slots, block_tables=rows.block_tables[:n],
+                                 seq_lens=(positions + 1).to(torch.int32), cu_seqlens_q=None,
+                                 max_seq_len=max_seq_len, num_sms=sms)
+        hidden = self.model(ids, positions, self.kv_cache, meta)
+        return self.model.compute_logits(hidden, out=None if logits is None else logits[:n])
 
-    # -- decode CUDA graphs ---------------------------------------------------------------------
+    # -- CUDA graphs ----------------------------------------------------------------------------
 
-    def capture_decode_graphs(self, streams: Mapping[Hashable, torch.cuda.Stream],
-                              buckets: Iterable[int] | None = None) -> GraphCaptureReport:
-        """One graph per (split key, batch bucket), each captured on that split's stream, one shared pool.
-
-        A graph keeps the SMs of the stream it was captured on (docs: shared/GPU-FACTS.md), so every
-        split the decode loop may run under needs its own set. Buckets default to DEFAULT_BUCKETS up
-        to max_num_seqs, plus max_num_seqs itself.
-        """
+    def capture_graphs(self, prefill_sides: dict[Hashable, tuple[torch.cuda.Stream, int | None]],
+                       decode_sides: dict[Hashable, tuple[torch.cuda.Stream, int | None]],
+                       total_sms: int, prefill_tokens: int | None = None,
+                       decode_buckets: Iterable[int] | None = None,
+                       prefill_sizes: Iterable[int] | None = None) -> list[GraphCaptureReport]:
+        """Prefill graphs per (side, token bucket up to `prefill_tokens`, default max_num_batched_tokens;
+        or exactly `prefill_sizes`) and decode graphs per (side, batch bucket up to max_num_seqs); each
+        side maps to (its stream, its SMs or None for the whole GPU), which sizes the prefill GEMMs and
+        the decode attention's splits (engine/cuda_graphs.py says why not the decode GEMMs)."""
         if self.device.type != "cuda":
-            raise RuntimeError("decode CUDA graphs need a CUDA device; on a CPU decode runs eagerly")
-        if buckets is None:
-            buckets = [b for b in DEFAULT_BUCKETS if b < self.max_num_seqs] + [self.max_num_seqs]
-        sizes = sorted({b for b in buckets if 1 <= b <= self.max_num_seqs})
-        if not sizes:
-            raise ValueError(f"no batch bucket in 1..max_num_seqs ({self.max_num_seqs})")
-        torch.cuda.synchronize(self.device)
-        free_before = torch.cuda.mem_get_info(self.device)[0]
-        t0 = time.perf_counter()
-        self._ensure_static()
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        torch.cuda.synchronize(self.device)
-        with torch.inference_mode():
-            for key, stream in streams.items():
-                for size in reversed(sizes):  # largest first: the smaller graphs reuse its pool memory
-                    self._graphs[key, size] = self._capture(lambda size=size: self._static_decode(size), stream,
-                                                            self._graph_pool)
-                self._graph_streams[key] = stream
-                self._graph_buckets[key] = sizes
-        torch.cuda.synchronize(self.device)
-        report = GraphCaptureReport(list(streams), sizes, len(streams) * len(sizes), time.perf_counter() - t0,
-                                    free_before - torch.cuda.mem_get_info(self.device)[0])
-        log.info("%s", report)
-        return report
+            raise RuntimeError("CUDA graphs need a CUDA device; on a CPU every step runs eagerly")
+        reports = []
+        if prefill_sides and self._block_m is None:
+            log.warning("prefill runs eagerly: the %s attention backend reads lengths on the host (not capturable)",
+                        self.backend)
+        elif prefill_sides:
+            sizes = sorted(prefill_sizes or prefill_buckets(prefill_tokens or self.max_num_batched_tokens))
+            self._prefill_static = _PrefillBuffers(self, sizes[-1])
+            self._graphs["prefill"] = GraphSet("prefill", self.device, total_sms, size_gemms=True)
+            reports.append(self._graphs["prefill"].capture(self._prefill_static_forward, prefill_sides, sizes))
+        if decode_sides:
+            if decode_buckets is None:
+                decode_buckets = [b for b in DECODE_BUCKETS if b < self.max_num_seqs] + [self.max_num_seqs]
+            sizes = sorted({b for b in decode_buckets if 1 <= b <= self.max_num_seqs})
+            if not sizes:
+                raise ValueError(f"no batch bucket in 1..max_num_seqs ({self.max_num_seqs})")
+            self._graphs["decode"] = GraphSet("decode", self.device, total_sms, size_gemms=False)
+            reports.append(self._graphs["decode"].capture(
+                lambda rows, sms: self._decode_forward(self._decode_rows, rows, sms, self.max_model_len,
+                                                       self._decode_logits), decode_sides, sizes))
+        return reports
 
-    @staticmethod
-    def _capture(step: Callable[[], object], stream: torch.cuda.Stream, pool) -> torch.cuda.CUDAGraph:
-        """Run `step` once on `stream` (kernel selection, JIT, lazy init happen outside capture), then capture it."""
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread (a prefill loop) may allocate while this one captures.
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            step()
-        return graph
+    def _prefill_static_forward(self, tokens: int, sms: int | None) -> None:
+        """The prefill step every prefill graph of `tokens` captures: static buffers in, static logits out."""
+        s = self._prefill_static
+        seqs, tiles = s.shape_of(tokens)
+        meta = AttentionMetadata(is_prefill=True, slot_mapping=s.token_rows[2, :tokens], block_tables=s.tables[:seqs],
+                                 seq_lens=s.seq_lens[:seqs], cu_seqlens_q=s.cu[:seqs + 1],
+                                 max_seq_len=self.max_model_len, tiles=s.tiles[:tiles], num_sms=sms)
+        self._forward_last(s.token_rows[0, :tokens], s.token_rows[1, :tokens], meta, s.last[:seqs], s.logits[:seqs])
 
-    def _ensure_static(self) -> None:
-        if self._static is None:
-            self._static = _DecodeBuffers(self.max_num_seqs, self.max_blocks_per_seq, self.config.vocab_size,
-                                          self.kv_cache, self.device, self.dtype)
-
-    def _load_static(self, batch: DecodeBatch, rows: int) -> None:
-        """Copy a batch, padded to `rows`, into the static buffers (on the current stream)."""
-        s, a = self._static, self._decode_arrays(batch, rows)
-        for name in ("input_ids", "positions", "seq_lens", "slot_mapping"):
-            getattr(s, name)[:rows].copy_(self._host(a[name]), non_blocking=True)
-        width = a["block_tables"].shape[1]  # later columns are never read: seq_lens bound every row
-        s.block_tables[:rows, :width].copy_(self._host(a["block_tables"]), non_blocking=True)
-
-    def _static_decode(self, rows: int) -> None:
-        """The decode step every graph captures: static buffers in, static logits out."""
-        s = self._static
-        meta = AttentionMetadata(
-            is_prefill=False, slot_mapping=s.slot_mapping[:rows], block_tables=s.block_tables[:rows],
-            seq_lens=s.seq_lens[:rows], cu_seqlens_q=None, max_q_len=1, max_seq_len=self.max_model_len)
-        hidden = self.model(s.input_ids[:rows], s.positions[:rows], self.kv_cache, meta)
-        self.model.compute_logits(hidden, out=s.logits[:rows])
-
-    def _replay(self, batch: DecodeBatch, key: Hashable, bucket: int) -> torch.Tensor:
-        stream = self._graph_streams[key]
-        with torch.cuda.stream(stream):
-            # The previous step may have run on another split's stream and still read the buffers.
-            if self._last_graph_stream is not None and self._last_graph_stream != stream:
-                stream.wait_stream(self._last_graph_stream)
-            self._load_static(batch, bucket)
-            self._graphs[key, bucket].replay()
-        self._last_graph_stream = stream
-        return self._static.logits[: len(batch.token_ids)]
+    def _prefill_replay(self, batch: PrefillInput, key: Hashable, bucket: int,
+                        prev_ids: torch.Tensor | None) -> torch.Tensor:
+        s = self._prefill_static
+        seqs, tiles = s.shape_of(bucket)
+        a = prefill_arrays(batch, self.block_size, self.max_model_len, self._scratch_slot, self._block_m,
+                           tokens=bucket, seqs=seqs, tile_capacity=tiles if self._block_m else None)
+        s.load(a, self._prefill_staging, prev_ids)
+        self._graphs["prefill"].replay(key, bucket)
+        return s.logits[: a.num_seqs]
 
     # -- PhaseRunner (the profiler's view) --------------------------------------------------------
 
-    def prefill_fn(self, tokens: int, kv_prefix: int, part: str = "all") -> Callable[[torch.cuda.Stream | None], None]:
-        """One sequence's chunk of `tokens` new tokens over `kv_prefix` cached ones, random ids."""
+    def prefill_fn(self, tokens: int, kv_prefix: int, part: str = "all", stream: torch.cuda.Stream | None = None,
+                   sms: int | None = None) -> Callable[[torch.cuda.Stream | None], None]:
+        """One sequence's chunk of `tokens` new tokens over `kv_prefix` cached ones, random ids.
+
+        On CUDA the step is captured as a graph on `stream`, GEMMs sized for `sms` (None: the whole
+        GPU), and the callable replays it; on a CPU it runs eagerly."""
         _check_part(part)
         blocks = self._profile_blocks([kv_prefix + tokens])
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(self.config.vocab_size, (tokens,), generator=gen).tolist()
         with torch.inference_mode():
-            input_ids, positions, meta, last = self._prepare_prefill(PrefillBatch([ids], [kv_prefix], blocks))
+            arrays = prefill_arrays(PrefillInput([ids], [kv_prefix], blocks), self.block_size, self.max_model_len,
+                                    self._scratch_slot, self._block_m)
+            input_ids, positions, meta, last = self._prefill_tensors(arrays, Staging(self.device), None)
             qkv = self._random_qkv(tokens)
         _synchronize(self.device)  # inputs are ready whatever stream the callable runs on
 
         @torch.inference_mode()
-        def run(stream: torch.cuda.Stream | None) -> None:
-            with _on(stream):
-                if part == "attention":
-                    self._attention_only(*qkv, meta)
-                else:
-                    hidden = self.model(input_ids, positions, self.kv_cache, meta, run_attention=part == "all")
-                    self.model.compute_logits(hidden[last])
-        return run
+        def step() -> None:
+            if part == "attention":
+                self._attention_only(*qkv, meta)
+            else:
+                hidden = self.model(input_ids, positions, self.kv_cache, meta, run_attention=part == "all")
+                self.model.compute_logits(hidden[last])
+        return self._replayable(step, stream, sms)  # GEMMs sized as in the engine's prefill graphs
 
-    def decode_fn(self, batch: int, kv_tokens: int, part: str = "all",
-                  stream: torch.cuda.Stream | None = None) -> Callable[[torch.cuda.Stream | None], None]:
-        """A decode step of `batch` sequences holding `kv_tokens` KV tokens in total (spread evenly).
-
-        On CUDA the step is captured as a graph on `stream` (its SMs stay with the graph) and the
-        callable replays it; on a CPU it runs eagerly.
-        """
+    def decode_fn(self, batch: int, kv_tokens: int, part: str = "all", stream: torch.cuda.Stream | None = None,
+                  sms: int | None = None) -> Callable[[torch.cuda.Stream | None], None]:
+        """A decode step of `batch` sequences holding `kv_tokens` KV tokens in total (spread evenly),
+        captured and replayed as `prefill_fn`'s (`sms` sizes the attention's KV splits)."""
         _check_part(part)
         if batch < 1 or kv_tokens < batch:
             raise ValueError(f"decode_fn needs batch >= 1 and at least one KV token per sequence "
@@ -366,25 +293,39 @@ class ModelRunner:
         tables = self._profile_blocks(lens, from_end=True)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(self.config.vocab_size, (batch,), generator=gen).tolist()
+        rows = DecodeRows(batch, max(map(len, tables)), self.block_size, self.kv_cache.scratch_block, self.device)
+        logits = torch.empty(batch, self.config.vocab_size, dtype=self.dtype, device=self.device)
         with torch.inference_mode():
-            input_ids, positions, meta = self._prepare_decode(DecodeBatch(ids, [n - 1 for n in lens], tables))
+            rows.load(DecodeInput(ids, [n - 1 for n in lens], tables), batch, Staging(self.device), None,
+                      self.max_model_len)
             qkv = self._random_qkv(batch)
+            meta = AttentionMetadata(is_prefill=False, slot_mapping=rows.tokens[2], block_tables=rows.block_tables,
+                                     seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+                                     cu_seqlens_q=None, max_seq_len=max(lens), num_sms=sms)
+        _synchronize(self.device)
 
         @torch.inference_mode()
         def step() -> None:
             if part == "attention":
                 self._attention_only(*qkv, meta)
+            elif part == "all":
+                self._decode_forward(rows, batch, sms, max(lens), logits)
             else:
-                hidden = self.model(input_ids, positions, self.kv_cache, meta, run_attention=part == "all")
-                self.model.compute_logits(hidden)
+                hidden = self.model(rows.tokens[0], rows.tokens[1], self.kv_cache, meta, run_attention=False)
+                self.model.compute_logits(hidden, out=logits)
+        return self._replayable(step, stream, None)  # unsized GEMMs, as in the engine's decode graphs
 
+    def _replayable(self, step: Callable[[], None], stream: torch.cuda.Stream | None,
+                    gemm_sms: int | None) -> Callable[[torch.cuda.Stream | None], None]:
         if self.device.type != "cuda":
             return lambda _stream: step()
-        graph = self._capture(step, stream or torch.cuda.current_stream(), pool=None)
+        total = torch.cuda.get_device_properties(self.device).multi_processor_count
+        graph = capture(step, stream or torch.cuda.current_stream(), sms=gemm_sms, total_sms=total)
 
         def replay(replay_stream: torch.cuda.Stream | None) -> None:
             with _on(replay_stream):
                 graph.replay()
+        replay.inputs = step  # the graph reads the tensors `step` closes over: they must live as long as it
         return replay
 
     def _profile_blocks(self, lens: list[int], from_end: bool = False) -> list[list[int]]:
@@ -407,11 +348,59 @@ class ModelRunner:
 
     def _attention_only(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """Every layer's KV write and attention kernel, nothing else (the profiler's "attention" class)."""
-        attend = prefill_attention if meta.is_prefill else decode_attention
         scale = self.config.head_dim ** -0.5
         for k_cache, v_cache in zip(self.kv_cache.k, self.kv_cache.v):
             store_kv(k, v, k_cache, v_cache, meta, self.backend)
-            attend(q, k_cache, v_cache, meta, scale, self.backend)
+            if meta.is_prefill:
+                prefill_attention(q, k, v, k_cache, v_cache, meta, scale, self.backend)
+            else:
+                decode_attention(q, k_cache, v_cache, meta, scale, self.backend)
+
+
+class _PrefillBuffers:
+    """The static inputs and logits every prefill graph reads and writes (views of them per bucket)."""
+
+    def __init__(self, runner: ModelRunner, tokens: int):
+        dev = runner.device
+        self.max_seqs, self.block_m = runner.max_num_seqs, runner._block_m
+        seqs, tiles = self.shape_of(tokens)
+        self.token_rows = torch.zeros(3, tokens, dtype=torch.int64, device=dev)
+        self.token_rows[2] = runner._scratch_slot  # the capture's warm-up run writes nowhere else
+        self.cu = torch.zeros(seqs + 1, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(seqs, dtype=torch.int32, device=dev)
+        self.last = torch.zeros(seqs, dtype=torch.int64, device=dev)
+        self.tables = torch.zeros(seqs, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.tiles = torch.full((tiles, 2), -1, dtype=torch.int32, device=dev)
+        self.logits = torch.empty(seqs, runner.config.vocab_size, dtype=runner.dtype, device=dev)
+
+    def shape_of(self, tokens: int) -> tuple[int, int]:
+        """(sequences, tile-map rows) of the graph of a `tokens` bucket."""
+        from engine.kernels.prefill_attention import max_tiles
+
+        seqs = min(tokens, self.max_seqs)
+        return seqs, max_tiles(tokens, seqs, self.block_m)
+
+    def load(self, a: PrefillArrays, staging: Staging, prev_ids: torch.Tensor | None) -> None:
+        """Copy padded host arrays into the buffers (on the current stream)."""
+        tiles = a.tiles if a.tiles is not None else np.zeros((0, 2), dtype=np.int32)
+        rows, cu, lens, last, tables, tiles, dst, src = staging.upload(
+            a.token_rows, a.cu_seqlens, a.seq_lens, a.last, a.tables, tiles, a.src_dst, a.src_idx)
+        tokens, seqs = rows.shape[1], lens.shape[0]
+        self.token_rows[:, :tokens].copy_(rows)
+        self.cu[: seqs + 1].copy_(cu)
+        self.seq_lens[:seqs].copy_(lens)
+        self.last[:seqs].copy_(last)
+        self.tables[: tables.shape[0], : tables.shape[1]].copy_(tables)
+        self.tiles[: tiles.shape[0]].copy_(tiles)
+        _fill_from_device(self.token_rows[0], dst, src, prev_ids)
+
+
+def _fill_from_device(ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, prev_ids: torch.Tensor | None) -> None:
+    """ids[dst] = prev_ids[src]: the tokens the previous step sampled and the host has not seen."""
+    if dst.numel():
+        if prev_ids is None:
+            raise ValueError("a token on the device was asked for, but no previous step's ids were given")
+        ids.index_copy_(0, dst, prev_ids.index_select(0, src))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -435,14 +424,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _tile_rows(head_dim: int, dtype: torch.dtype) -> int:
+    """Query rows per program of the Triton prefill kernel: the tile map is built in these units."""
+    from engine.kernels.prefill_attention import default_config
+
+    return default_config(head_dim, dtype).block_m
+
+
 def _check_part(part: str) -> None:
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-
-
-def _block_table_array(tables: list[list[int]], rows: int, fill: int) -> np.ndarray:
-    """Ragged block tables as one [rows, widest] int32 array; unused entries hold `fill` (never read)."""
-    out = np.full((rows, max(1, max(map(len, tables), default=1))), fill, dtype=np.int32)
-    for i, table in enumerate(tables):
-        out[i, : len(table)] = table
-    return out

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -223,6 +224,7 @@ def plot_latency_vs_rate(series: dict[str, list[tuple[float, dict]]], slos: dict
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize="small")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
 
@@ -232,24 +234,34 @@ def progress_bar(console: Console) -> Progress:
                     console=console)
 
 
-async def _first_model(client: httpx.AsyncClient, base_url: str) -> str:
+async def _served_model(client: httpx.AsyncClient, base_url: str, name: str | None) -> tuple[str, int | None]:
+    """The model to request (`name`, else the server's first) and its context length when /v1/models
+    reports one (vLLM and nexus-tune do, as `max_model_len`)."""
     resp = await client.get(f"{base_url}/v1/models")
     if resp.status_code != 200:
+        if name:
+            return name, None
         raise RuntimeError(f"{base_url}/v1/models answered HTTP {resp.status_code}; pass --model")
     models = resp.json().get("data") or []
-    if not models:
+    if not name and not models:
         raise RuntimeError(f"{base_url}/v1/models lists no model; pass --model")
-    return models[0]["id"]
+    name = name or models[0]["id"]
+    listed = next((m for m in models if m.get("id") == name), {})
+    return name, listed.get("max_model_len")
 
 
-def _parse_rates(text: str) -> list[float]:
-    try:
-        rates = sorted(float(r) for r in text.split(",") if r.strip())
-    except ValueError:
-        raise ValueError(f"--sweep {text!r}: expected comma-separated request rates, e.g. 1,2,4,8") from None
-    if not rates or rates[0] <= 0 or not math.isfinite(rates[-1]):
-        raise ValueError(f"--sweep {text!r}: rates must be positive and finite")
-    return rates
+def check_context(trace: list[TraceRequest], max_model_len: int, console: Console) -> None:
+    """Refuse a run none of whose requests fit the server's context; warn when some do not."""
+    too_long = [r for r in trace if r.prompt_tokens + r.output_tokens > max_model_len]
+    if not too_long:
+        return
+    longest = max(too_long, key=lambda r: r.prompt_tokens + r.output_tokens)
+    text = (f"{len(too_long)} of {len(trace)} requests need more than the server's context of {max_model_len} "
+            f"tokens (up to {longest.prompt_tokens} prompt + {longest.output_tokens} output)")
+    if len(too_long) == len(trace):
+        raise ValueError(f"{text}: lower --random-input-len / --random-output-len, pick another --dataset, "
+                         "or serve a longer --max-model-len")
+    console.print(f"[yellow]warning:[/] {text}; those will fail")
 
 
 async def _bench(args, slos: dict[str, float], rates: list[float], console: Console) -> list[dict]:
@@ -257,13 +269,16 @@ async def _bench(args, slos: dict[str, float], rates: list[float], console: Cons
     url = base_url + args.endpoint
     chat = args.endpoint.rstrip("/").endswith("chat/completions")
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # Traces at different rates hold the same requests (workload.make_trace), so one context check does.
+    traces = [make_trace(args.dataset, args.num_prompts, rate, args.burstiness, args.seed, args.dataset_path,
+                         args.random_input_len, args.random_output_len) for rate in rates]
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, limits=limits) as client:
-        model = args.model or await _first_model(client, base_url)
+        model, max_model_len = await _served_model(client, base_url, args.model)
+        if max_model_len:
+            check_context(traces[0], max_model_len, console)
         writer = await PromptWriter.calibrate(client, url, model, chat)
         results = []
-        for rate in rates:
-            trace = make_trace(args.dataset, args.num_prompts, rate, args.burstiness, args.seed, args.dataset_path,
-                               args.random_input_len, args.random_output_len)
+        for rate, trace in zip(rates, traces):
             with progress_bar(console) as progress:
                 task = progress.add_task(f"rate {rate:g} req/s", total=len(trace))
                 records, duration = await drive(client, url, model, trace, writer, chat, args.max_concurrency,
@@ -290,21 +305,22 @@ def _print_sweep(results: list[dict], cap: float | None, slos: dict, console: Co
 
 
 def run_bench(args) -> int:
+    from nexus_tune.cli import report_error
+
     console = Console()
     try:
         slos = metrics.parse_slos(args.goodput)
-        rates = _parse_rates(args.sweep) if args.sweep else [args.request_rate]
+        rates = sorted(args.sweep) if args.sweep else [args.request_rate]
         if args.sweep and not slos:
             raise ValueError("--sweep finds the capacity under SLOs: give them with --goodput ttft:MS tpot:MS")
-        if args.max_concurrency is not None and args.max_concurrency < 1:
-            raise ValueError("--max-concurrency must be at least 1")
-        make_trace(args.dataset, 1, 1.0, args.burstiness, args.seed, args.dataset_path)  # fail fast on bad input
+        if args.plot and not args.sweep:
+            raise ValueError("--plot draws latency against rate: it needs --sweep")
         results = asyncio.run(_bench(args, slos, rates, console))
     except (ValueError, RuntimeError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        report_error(str(e))
         return 2
     except httpx.HTTPError as e:
-        console.print(f"[red]error:[/red] cannot reach {args.base_url}: {type(e).__name__}: {e}")
+        report_error(f"cannot reach {args.base_url}: {type(e).__name__}: {e}")
         return 1
     out: dict | list = results[0]
     if args.sweep:
@@ -316,7 +332,11 @@ def run_bench(args) -> int:
                                  {"server": cap})
             console.print(f"Plot written to {args.plot}")
     if args.result_file:
-        with open(args.result_file, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
+        Path(args.result_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result_file).write_text(json.dumps(out, indent=1), encoding="utf-8")
         console.print(f"Results written to {args.result_file}")
+    if not any(r["completed"] for r in results):  # a broken setup, not a measurement
+        first = next((e for r in results for e in r["errors"] if e), "(no error message)")
+        report_error(f"every request failed; the first: {first}")
+        return 1
     return 0

@@ -37,12 +37,18 @@ def saved_step_logs(folders: list[str], model_name: str) -> tuple[list[list[dict
     logs, files = [], []
     for folder in folders:
         for path in sorted([*Path(folder).glob("*.json"), *Path(folder).glob("*.json.gz")]):
-            data = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
-            if not isinstance(data, dict) or data.get("meta", {}).get("model") != model_name:
-                continue
-            if data.get("kind") not in ("paper_eval", "calibration"):
-                continue
-            found = [run["step_records"] for run in data["runs"] if run.get("step_records")]
+            try:
+                data = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as e:  # gzip and JSON errors are these too
+                raise CalibrationError(f"{path} is not a readable JSON file: {e}") from None
+            if not isinstance(data, dict) or data.get("kind") not in ("paper_eval", "calibration"):
+                continue  # some other JSON in the folder
+            try:
+                if data["meta"]["model"] != model_name:
+                    continue
+                found = [run["step_records"] for run in data["runs"] if run.get("step_records")]
+            except (KeyError, TypeError, AttributeError) as e:
+                raise CalibrationError(f"{path} is a damaged {data['kind']} file ({type(e).__name__}: {e})") from None
             if found:
                 files.append(str(path))
                 logs += found
@@ -108,6 +114,7 @@ def calibrate(profile: Profile, step_logs: list[list[dict[str, Any]]], min_steps
 def run_calibrate(args: Any) -> int:
     from rich.console import Console
 
+    from nexus_tune.cli import report_error
     from nexus_tune.profile import ProfileError
 
     console = Console()
@@ -129,7 +136,7 @@ def run_calibrate(args: Any) -> int:
             source = f"replays at {', '.join(f'{r:g}' for r in measured['meta']['rates'])} req/s, saved in {saved}"
         overhead = calibrate(profile, logs, args.min_steps)
     except (ProfileError, CalibrationError, ValueError, OSError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        report_error(str(e))
         return 2
     console.print(overhead_table(overhead, f"{profile.model['name']}: step cycle = scale x predicted + fixed + "
                                            f"per_seq x rows ({sum(map(len, logs))} steps; {source})"))

@@ -28,12 +28,23 @@ not the fitted memory coefficients, set u_k: a compute-bound prefill leaves its 
 coefficients unidentified, and the contention fit must not inherit that.
 
 Fitted parameters are plain attributes (`classes_`, `overhead_ms_`, `contention_`) that round-trip
-through `to_dict`/`from_dict`; `update` keeps a separate online multiplicative correction per
-phase and SM bucket (`corrections_`).
+through `to_dict`/`from_dict`; `update` keeps an online correction per phase (`corrections_`):
+
+    corrected = scale * curve + fixed_ms + per_size_ms * size
+
+shared by every SM count. It must be: the controller compares SM counts, and a correction that
+differed by SM count would be learned only where the engine ran, so the SM counts it uses would
+drift away from the ones it never tries (one factor per SM bucket did exactly that on the H200:
+the used buckets absorbed host time, looked slower than the unvisited reference, and decode
+took the SMs). The terms follow step kind and size, where an engine's excess lives (host work
+per sequence, skewed batches, a slower build). They are an exponentially weighted least-squares
+fit, damped toward no correction (scale 1, no offsets): an excess that steps of one size on one
+SM count cannot attribute goes mostly to the scale instead of extrapolating wildly.
 """
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -55,6 +66,18 @@ _DECAY_BOUNDS = (1e-3, 60.0)
 _LOG_COEF_BOUNDS = (-25.0, 12.0)
 _LOG_WHOLE_BOUNDS = (math.log(0.5), math.log(2.0))
 _CONTENTION_TERMS = ("base", "weights", "activations", "attention")
+# Online correction. Each observation's weight decays by 1 - 1/CORRECTION_MEMORY per later one of its
+# phase (decode: about a second of steps; prefill: several seconds). Damping pulls each term
+# (scale, fixed, per size) toward no correction by this share of its own evidence: a term the
+# data pins down moves all but ~0.1% of the way, and an excess the data cannot attribute (one
+# SM count, one batch size) goes to the terms 100:1:1, mostly to the scale, the prior that carries
+# to other SM counts best (tests/test_latency_model.py: within 4% on every SM count after seeing one).
+CORRECTION_MEMORY = 50
+CORRECTION_DAMPING = (1e-5, 1e-3, 1e-3)
+# An observation this far off the curve, either way, is a hiccup (a GC pause, a first-call compile)
+# and is clipped before it is fitted; a corrected prediction stays within it too.
+CORRECTION_RANGE = 4.0
+_NO_CORRECTION = (1.0, 0.0, 0.0)  # (scale, fixed_ms, per_size_ms)
 
 
 @dataclass
@@ -167,9 +190,9 @@ class OpClass:
     whole: float  # factor on the whole GPU stream against the partition curve
 
     def gpu_ms(self, feats: tuple[list, list], r: Any, whole: Any, stretch: Any = 1.0, xp: Any = _Scalar) -> Any:
-        phi, psi = feats
-        comp = sum(a * f for a, f in zip(self.compute, phi)) / share(r, self.r_sat, self.decay, xp)
-        mem = sum(b * f for b, f in zip(self.memory, psi)) / share(r, self.mem_r_sat, self.mem_decay, xp)
+        phi, psi = feats  # map(mul): the controller calls this on every step, a generator costs 2x
+        comp = sum(map(operator.mul, self.compute, phi)) / share(r, self.r_sat, self.decay, xp)
+        mem = sum(map(operator.mul, self.memory, psi)) / share(r, self.mem_r_sat, self.mem_decay, xp)
         return self.t0_ms + _smooth_max(comp, mem * stretch) * (1.0 + (self.whole - 1.0) * whole)
 
 
@@ -307,25 +330,78 @@ def _fit_phase(phase: str, samples: Sequence[Sample], total_sms: int) -> tuple[d
     return layout.unpack(solve(best.x, _POLISH_NFEV).x)
 
 
+def _solve3(a: list[list[float]], b: list[float]) -> tuple[float, float, float]:
+    """x with a x = b for a 3x3 system (Cramer's rule: no array overhead on the engine's step path)."""
+    def det(m: list[list[float]]) -> float:
+        return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+                + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
+
+    d = det(a)
+    cols = [[[b[i] if j == k else a[i][j] for j in range(3)] for i in range(3)] for k in range(3)]
+    return det(cols[0]) / d, det(cols[1]) / d, det(cols[2]) / d
+
+
+@dataclass
+class Correction:
+    """One phase's online correction, `coef_` = (scale, fixed_ms, per_size_ms), and the decayed
+    normal equations it solves: `gram_` = sum w x x^T and `moment_` = sum w x y over observations
+    y of steps whose curve predicted x = (curve_ms, 1, size)."""
+
+    coef_: tuple[float, float, float] = _NO_CORRECTION
+    gram_: list[list[float]] = field(default_factory=list)
+    moment_: list[float] = field(default_factory=list)
+
+    def apply(self, curve_ms: float, size: float) -> float:
+        scale, fixed, per_size = self.coef_
+        ms = scale * curve_ms + fixed + per_size * size
+        return min(max(ms, curve_ms / CORRECTION_RANGE), curve_ms * CORRECTION_RANGE)
+
+    def add(self, curve_ms: float, size: float, observed_ms: float) -> None:
+        x = (curve_ms, 1.0, float(size))
+        y = min(max(observed_ms, curve_ms / CORRECTION_RANGE), curve_ms * CORRECTION_RANGE)
+        if not self.gram_:  # the prior as one observation per term at this scale: solvable from the start
+            self.gram_ = [[x[i] ** 2 if i == j else 0.0 for j in range(3)] for i in range(3)]
+            self.moment_ = [x[i] ** 2 * _NO_CORRECTION[i] for i in range(3)]
+        keep = 1.0 - 1.0 / CORRECTION_MEMORY
+        g, m = self.gram_, self.moment_
+        for i in range(3):
+            m[i] = keep * m[i] + x[i] * y
+            for j in range(3):
+                g[i][j] = keep * g[i][j] + x[i] * x[j]
+        # (G + k diag G) coef = m + k diag(G) coef_0: damped toward no correction, in each term's own units.
+        damped = [[g[i][j] * (1.0 + CORRECTION_DAMPING[i] * (i == j)) for j in range(3)] for i in range(3)]
+        self.coef_ = _solve3(damped, [m[i] + CORRECTION_DAMPING[i] * g[i][i] * _NO_CORRECTION[i] for i in range(3)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"coef": list(self.coef_), "gram": self.gram_, "moment": self.moment_}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Correction:
+        """Also reads the per-SM-bucket factors of older profiles (a dict of numbers) as no correction:
+        they were biased by the SM counts the engine happened to use."""
+        if "coef" not in d:
+            return cls()
+        scale, fixed, per_size = (float(v) for v in d["coef"])
+        return cls((scale, fixed, per_size), [[float(v) for v in row] for row in d["gram"]],
+                   [float(v) for v in d["moment"]])
+
+
 class LatencyModel:
     """Predicts prefill and decode step latency (ms) from work and SM count; sklearn-style `fit`."""
 
-    def __init__(self, total_sms: int, split_sms: Sequence[int] | None = None, update_rate: float = 0.1,
-                 bucket_sms: int = 16):
+    def __init__(self, total_sms: int, split_sms: Sequence[int] | None = None):
         """split_sms: prefill SM counts of the splits the device allows (decode gets the rest);
         saturation_sms searches those. None: every SM count."""
-        if total_sms < 1 or bucket_sms < 1 or not 0 < update_rate <= 1:
-            raise ValueError("total_sms and bucket_sms must be >= 1 and update_rate in (0, 1]")
+        if total_sms < 1:
+            raise ValueError("total_sms must be >= 1")
         self.total_sms = int(total_sms)
         self.split_sms = sorted(int(p) for p in split_sms) if split_sms is not None else None
         if self.split_sms and not 0 < self.split_sms[0] <= self.split_sms[-1] < self.total_sms:
             raise ValueError(f"split_sms must lie strictly between 0 and {total_sms}: {self.split_sms}")
-        self.update_rate = float(update_rate)
-        self.bucket_sms = int(bucket_sms)
         self.classes_: dict[str, dict[str, OpClass]] = {}
         self.overhead_ms_: dict[str, float] = {}
         self.contention_: dict[str, float] = dict.fromkeys(_CONTENTION_TERMS, 0.0)
-        self.corrections_: dict[str, dict[int, float]] = {p: {} for p in PHASES}
+        self.corrections_: dict[str, Correction] = {p: Correction() for p in PHASES}
 
     # -- fitting -------------------------------------------------------------------------------
     def fit(self, samples: Iterable[Sample]) -> LatencyModel:
@@ -338,7 +414,7 @@ class LatencyModel:
             self.classes_[phase], self.overhead_ms_[phase] = _fit_phase(phase, solo, self.total_sms)
         contended = [s for s in samples if s.prefill_tokens]
         self.contention_ = self._fit_contention(contended) if contended else dict.fromkeys(_CONTENTION_TERMS, 0.0)
-        self.corrections_ = {p: {} for p in PHASES}
+        self.corrections_ = {p: Correction() for p in PHASES}
         return self
 
     def _fit_contention(self, samples: Sequence[Sample]) -> dict[str, float]:
@@ -392,23 +468,26 @@ class LatencyModel:
         terms = self._pressure_terms(sms, prefill_tokens, prefill_kv)
         return 1.0 + sum(self.contention_[k] * t for k, t in zip(_CONTENTION_TERMS, terms))
 
-    def _bucket(self, sms: int) -> int:
-        # The whole GPU is its own regime; partitions share a correction within a bucket.
-        return sms if sms >= self.total_sms else sms // self.bucket_sms * self.bucket_sms
+    def curve_ms(self, phase: str, size: float, kv: float, sms: int, prefill_tokens: float = 0,
+                 prefill_kv: float = 0) -> float:
+        """The fitted curve without the online correction (decode: slowed by a prefill of
+        `prefill_tokens` on the other SMs). It changes only with a refit: cache it, then `correct`."""
+        self._check(phase, sms, size, kv)
+        stretch = self._stretch(sms, prefill_tokens, prefill_kv) if phase == "decode" else 1.0
+        return self._base_ms(phase, size, kv, sms, stretch)
 
-    def _correction(self, phase: str, sms: int) -> float:
-        return self.corrections_[phase].get(self._bucket(sms), 1.0)
+    def correct(self, phase: str, curve_ms: float, size: float) -> float:
+        """A curve prediction of a step of `size` (tokens or sequences) under the online correction."""
+        return self.corrections_[phase].apply(curve_ms, size)
 
     def predict_prefill(self, tokens: float, kv_prefix: float, sms: int) -> float:
-        self._check("prefill", sms, tokens, kv_prefix)
-        return self._base_ms("prefill", tokens, kv_prefix, sms) * self._correction("prefill", sms)
+        return self.correct("prefill", self.curve_ms("prefill", tokens, kv_prefix, sms), tokens)
 
     def predict_decode(self, batch: float, kv_tokens: float, sms: int,
                        prefill_tokens: float = 0, prefill_kv: float = 0) -> float:
         """Decode step on `sms` SMs; with prefill_tokens > 0, while that prefill runs on the rest."""
-        self._check("decode", sms, batch, kv_tokens)
-        stretch = self._stretch(sms, prefill_tokens, prefill_kv)
-        return self._base_ms("decode", batch, kv_tokens, sms, stretch) * self._correction("decode", sms)
+        return self.correct("decode", self.curve_ms("decode", batch, kv_tokens, sms, prefill_tokens, prefill_kv),
+                            batch)
 
     def predict_mixed(self, prefill_tokens: float, prefill_kv: float, decode_seqs: float, decode_kv: float,
                       sms: int) -> float:
@@ -458,21 +537,19 @@ class LatencyModel:
     # -- online correction ---------------------------------------------------------------------
     def update(self, phase: str, size: float, kv: float, sms: int, observed_ms: float,
                prefill_tokens: float = 0, prefill_kv: float = 0) -> float:
-        """Move the correction of (phase, SM bucket) toward observed / predicted; returns the new factor.
+        """Fit one measured step into the phase's correction (module docstring); returns what the
+        model predicted for it before (the step log's "predicted" beside the observed).
 
-        An exponentially weighted mean in log space: `update_rate` of each new ratio, so a lone
-        outlier moves predictions little and a lasting shift is followed within ~1/update_rate steps.
+        `observed_ms`: the step's GPU time, from events around its launch (host work is the
+        profile's StepOverhead, not this). Decode: `prefill_tokens`/`prefill_kv` of the prefill
+        running on the other SMs when it launched.
         """
-        self._check(phase, sms, size, kv)
         if not (observed_ms > 0 and math.isfinite(observed_ms)):
             raise ValueError(f"observed_ms must be a positive finite number, not {observed_ms!r}")
-        stretch = self._stretch(sms, prefill_tokens, prefill_kv) if phase == "decode" else 1.0
-        ratio = observed_ms / self._base_ms(phase, size, kv, sms, stretch)
-        bucket = self._bucket(sms)
-        old = self.corrections_[phase].get(bucket, 1.0)
-        new = math.exp((1.0 - self.update_rate) * math.log(old) + self.update_rate * math.log(ratio))
-        self.corrections_[phase][bucket] = new
-        return new
+        curve = self.curve_ms(phase, size, kv, sms, prefill_tokens, prefill_kv)
+        predicted = self.correct(phase, curve, size)
+        self.corrections_[phase].add(curve, size, observed_ms)
+        return predicted
 
     # -- evaluation ----------------------------------------------------------------------------
     def errors(self, samples: Iterable[Sample]) -> dict[str, dict[str, float]]:
@@ -494,22 +571,20 @@ class LatencyModel:
         return {
             "total_sms": self.total_sms,
             "split_sms": self.split_sms,
-            "update_rate": self.update_rate,
-            "bucket_sms": self.bucket_sms,
             "classes": {p: {c: asdict(op) for c, op in cl.items()} for p, cl in self.classes_.items()},
             "overhead_ms": dict(self.overhead_ms_),
             "contention": dict(self.contention_),
-            "corrections": {p: {str(k): v for k, v in c.items()} for p, c in self.corrections_.items()},
+            "corrections": {p: c.to_dict() for p, c in self.corrections_.items()},
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyModel:
-        m = cls(d["total_sms"], d["split_sms"], d["update_rate"], d["bucket_sms"])
+        m = cls(d["total_sms"], d["split_sms"])
         m.classes_ = {p: {c: OpClass(**op) for c, op in cl.items()} for p, cl in d["classes"].items()}
         for phase in PHASES:
             if set(m.classes_.get(phase, {})) != set(CLASSES):
                 raise ValueError(f"latency model lacks the {phase} operator classes {CLASSES}")
         m.overhead_ms_ = {p: float(v) for p, v in d["overhead_ms"].items()}
         m.contention_ = {k: float(d["contention"][k]) for k in _CONTENTION_TERMS}
-        m.corrections_ = {p: {int(k): float(v) for k, v in d["corrections"].get(p, {}).items()} for p in PHASES}
+        m.corrections_ = {p: Correction.from_dict(d["corrections"].get(p, {})) for p in PHASES}
         return m

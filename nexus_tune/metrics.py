@@ -8,6 +8,7 @@ token has TPOT 0 for this purpose, as in vLLM). All latencies in ms, instants in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,8 +81,9 @@ def parse_slos(spec: str | list[str] | dict | None) -> dict[str, float]:
             slos[key] = float(value)
         except ValueError:
             raise ValueError(f"SLO {key}={value!r}: not a number of milliseconds") from None
-        if slos[key] < 0:
-            raise ValueError(f"SLO {key}={value}: must be non-negative")
+        # 0 no request meets; inf and NaN limit nothing (leave the metric out instead).
+        if not 0 < slos[key] < math.inf:
+            raise ValueError(f"SLO {key}={value}: must be a positive, finite number of ms")
     return slos
 
 

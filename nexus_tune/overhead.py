@@ -24,6 +24,7 @@ writes it into the profile, where the simulator uses it.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
-from nexus_tune.latency_model import LatencyModel
+from nexus_tune.latency_model import Correction, LatencyModel
 
 GAP_IDLE = 3.0  # a gap this many times the key's median: the loop was idle, not busy
 IDENTITY = (1.0, 0.0, 0.0)
@@ -129,6 +130,74 @@ class StepOverhead:
                 raise ValueError(f"step_overhead term {key} has a negative coefficient: {value}")
             terms[key] = (scale, fixed, per_seq)
         return cls(terms, {k: dict(v) for k, v in d.get("fit_error", {}).items()})
+
+
+# The step keys of the two-loop policies' loops (engine/loops.py), by phase.
+TWO_LOOP_KEYS = {"prefill": step_key("prefill", "prefill"), "decode": step_key("decode", "decode")}
+RECENT_STEPS = 32  # StepTimes.recent_decode_ms_ averages over about this many decode steps
+
+
+class StepTimes:
+    """The step times the controller plans with, and what the engine feeds back.
+
+    A two-loop step's cycle: the latency model's curve under its online correction (kernel time),
+    through the profile's StepOverhead (host work around it), under a second online correction,
+    of the cycle, learned when the loop reports its cycles (without either: kernel time alone).
+    Both corrections are shared by every SM count (latency_model's docstring says why). The
+    curve changes only with a refit, so the controller caches `curve_ms` and applies `cycle_ms`
+    (a few multiplications) on every use: an online update leaves its cache valid.
+
+    `update` takes LatencyModel.update's arguments and, optionally, the loop's cycle; it keeps
+    `recent_decode_ms_`, the mean decode cycle over about RECENT_STEPS steps (exponentially
+    weighted; None before the first), which the controller's TBT guard watches.
+    """
+
+    def __init__(self, model: LatencyModel, overhead: StepOverhead | None = None):
+        self.model = model
+        self.overhead = overhead or StepOverhead()
+        self.cycle_corrections_ = {phase: Correction() for phase in TWO_LOOP_KEYS}
+        self.recent_decode_ms_: float | None = None
+
+    def curve_ms(self, phase: str, size: float, kv: float, sms: int, prefill_tokens: float = 0,
+                 prefill_kv: float = 0) -> float:
+        return self.model.curve_ms(phase, size, kv, sms, prefill_tokens, prefill_kv)
+
+    def cycle_ms(self, phase: str, curve_ms: float, size: float) -> float:
+        """A loop's cycle for a step of `size` (prefill: tokens; decode: sequences) whose curve
+        predicts `curve_ms`."""
+        return self.cycle_corrections_[phase].apply(self._host(phase, self.model.correct(phase, curve_ms, size), size),
+                                                    size)
+
+    def _host(self, phase: str, kernel_ms: float, size: float) -> float:
+        """The profile's StepOverhead around a kernel time (a prefill step counted as one sequence:
+        the controller plans chunks, not prompts)."""
+        return self.overhead.predict(TWO_LOOP_KEYS[phase], kernel_ms, 1 if phase == "prefill" else size)
+
+    def predict_prefill(self, tokens: float, kv_prefix: float, sms: int) -> float:
+        return self.cycle_ms("prefill", self.curve_ms("prefill", tokens, kv_prefix, sms), tokens)
+
+    def predict_decode(self, batch: float, kv_tokens: float, sms: int, prefill_tokens: float = 0,
+                       prefill_kv: float = 0) -> float:
+        return self.cycle_ms("decode", self.curve_ms("decode", batch, kv_tokens, sms, prefill_tokens, prefill_kv),
+                             batch)
+
+    def update(self, phase: str, size: float, kv: float, sms: int, observed_ms: float, prefill_tokens: float = 0,
+               prefill_kv: float = 0, cycle_ms: float | None = None) -> float:
+        """LatencyModel.update with the step's kernel time `observed_ms` (returns the kernel time it
+        predicted). `cycle_ms`: the loop's whole cycle for the step (its schedule call to the end of
+        its bookkeeping), when the loop measures it: the host work beyond the profile's StepOverhead
+        is then learned too, and the TBT guard watches real cycles rather than predicted host work."""
+        if cycle_ms is not None and not (cycle_ms > 0 and math.isfinite(cycle_ms)):
+            raise ValueError(f"cycle_ms must be a positive finite number, not {cycle_ms!r}")
+        predicted = self.model.update(phase, size, kv, sms, observed_ms, prefill_tokens, prefill_kv)
+        host = self._host(phase, observed_ms, size)
+        if cycle_ms is not None:
+            self.cycle_corrections_[phase].add(host, size, cycle_ms)
+        if phase == "decode":
+            cycle = host if cycle_ms is None else cycle_ms
+            last = self.recent_decode_ms_
+            self.recent_decode_ms_ = cycle if last is None else last + (cycle - last) / RECENT_STEPS
+        return predicted
 
 
 def overhead_table(overhead: StepOverhead, title: str) -> Any:

@@ -1,7 +1,7 @@
 """Every disjoint (prefill SMs, decode SMs) split of one GPU, pre-created as pairs of streams.
 
 Why the driver API and not torch.cuda.green_contexts: GreenContext.create(num_sms) carves each
-context out of the whole device on its own, so two of them run on the SAME SMs (GPU-FACTS.md:
+context out of the whole device on its own, so two of them run on the SAME SMs (docs/gpu-facts.md:
 two 64-SM contexts ran at half speed together). cuDevSmResourceSplitByCount returns one group
 AND the remaining SMs, which are disjoint by construction:
 

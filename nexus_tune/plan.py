@@ -14,8 +14,8 @@ from rich.table import Table
 from nexus_tune.bench import plot_latency_vs_rate, progress_bar
 from nexus_tune.controller import ControllerKnobs
 from nexus_tune.profile import Profile, ProfileError
-from nexus_tune.tune import (CapacityProbe, knobs_table, parallel_map, rate_range, search_capacity, sim_inputs,
-                             slo_knobs)
+from nexus_tune.tune import (CEILING_NOTE, CapacityProbe, capacity_text, knobs_table, parallel_map, rate_range,
+                             search_capacity, sim_inputs)
 
 POLICIES = ("nexus", "chunked", "prefill-first")
 STATIC_SHARES = (0.25, 0.375, 0.5, 0.625, 0.75)  # prefill shares of the static splits tried
@@ -31,8 +31,8 @@ def static_policies(profile: Profile) -> list[str]:
 
 
 def recommended_knobs(profile: Profile, slos: dict[str, float]) -> ControllerKnobs:
-    """The profile's tuned knobs if any, else the defaults; slo-mode targets from the SLOs."""
-    return slo_knobs(slos, ControllerKnobs.from_dict(profile.tuned_knobs) if profile.tuned_knobs else None)
+    """The profile's tuned knobs if any, else knobs derived from it; slo-mode targets from the SLOs."""
+    return ControllerKnobs.for_profile(profile, slos)
 
 
 def _at_rates(probe: CapacityProbe, rates: list[float]) -> dict[float, dict]:
@@ -45,8 +45,8 @@ def plan(profile: Profile, workload: str, slos: dict[str, float], num_prompts: i
     """Capacity per policy and latencies at common rates.
 
     Returns {"knobs", "rates", "capacity": {policy: req/s}, "summaries": {policy: {rate: summary}},
-    "best_static", "policies"} where "policies" lists the reported ones (nexus, chunked,
-    prefill-first, best static).
+    "best_static", "policies", "ceiling"} where "policies" lists the reported ones (nexus, chunked,
+    prefill-first, best static) and "ceiling" is the rate no search goes above.
     """
     knobs = recommended_knobs(profile, slos)
     start, ceiling = rate_range(profile, workload, num_prompts, seed)
@@ -69,12 +69,15 @@ def plan(profile: Profile, workload: str, slos: dict[str, float], num_prompts: i
     for p, found in zip(reported, parallel_map(_at_rates, jobs, workers, advance)):
         summaries[p].update(found)
     return {"knobs": knobs, "rates": rates, "capacity": capacity, "summaries": summaries,
-            "best_static": best_static, "policies": reported}
+            "best_static": best_static, "policies": reported, "ceiling": ceiling}
 
 
 def plan_table(result: dict, title: str) -> Table:
     shown = [result["rates"][RATE_FRACTIONS.index(f)] for f in TABLE_FRACTIONS]
-    table = Table(title=title, caption="at each rate: p99 TTFT/TPOT (ms) and the share of requests meeting the SLOs")
+    caption = "at each rate: p99 TTFT/TPOT (ms) and the share of requests meeting the SLOs"
+    if any(result["capacity"][p] >= result["ceiling"] for p in result["policies"]):
+        caption += "\n" + CEILING_NOTE
+    table = Table(title=title, caption=caption)
     table.add_column("policy", no_wrap=True)
     table.add_column("capacity, req/s\n(x chunked)", justify="right", no_wrap=True)
     for rate in shown:
@@ -84,16 +87,19 @@ def plan_table(result: dict, title: str) -> Table:
         cap = result["capacity"][p]
         cells = [f"{s['p99_ttft_ms']:.0f} / {s['p99_tpot_ms']:.1f}\n{s['slo_attainment']:.0%}"
                  for s in (result["summaries"][p][rate] for rate in shown)]
-        table.add_row(p, f"{cap:.3g}\n({cap / base:.2f}x)" if base else f"{cap:.3g}", *cells, end_section=True)
+        text = capacity_text(cap, result["ceiling"])
+        table.add_row(p, f"{text}\n({cap / base:.2f}x)" if base else text, *cells, end_section=True)
     return table
 
 
 def run_plan(args) -> int:
+    from nexus_tune.cli import report_error
+
     console = Console()
     try:
         profile, slos = sim_inputs(args)
     except (ValueError, ProfileError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        report_error(str(e))
         return 2
     progress = progress_bar(console)
     with progress:
@@ -104,7 +110,7 @@ def run_plan(args) -> int:
     console.print(plan_table(result, title))
     console.print(knobs_table({"nexus": result["knobs"]}, "Recommended controller knobs"))
     console.print("(tuned, from the profile)" if profile.tuned_knobs else
-                  "(the defaults: `nexus-tune tune` searches better ones and writes them into the profile)")
+                  "(derived from the profile and the SLOs; `nexus-tune tune` searches knobs and writes them into it)")
     if args.plot:
         series = {p: [(r, result["summaries"][p][r]) for r in result["rates"]] for p in result["policies"]}
         plot_latency_vs_rate(series, slos, args.plot, {p: result["capacity"][p] or None for p in result["policies"]})

@@ -5,7 +5,7 @@ has the schema); read by serve, simulate, tune and plan. Loading refuses, with t
 makes the right file, a profile of another GPU, of another model, of a newer schema, or a corrupt
 one. `nexus-tune profile show` prints it and plots latency against SMs.
 
-`synthetic_profile()` builds a profile from GPU-FACTS-like parameters for tests of other parts;
+`synthetic_profile()` builds a profile from H100-like parameters (docs/gpu-facts.md) for tests of other parts;
 it is marked `"synthetic": true` and is never written under the repository's profiles/.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from nexus_tune.controller import ControllerKnobs
 from nexus_tune.latency_model import PHASES, LatencyModel, OpClass, Sample
 from nexus_tune.overhead import StepOverhead, overhead_table
 from nexus_tune.partition import Granularity, split_sizes
@@ -33,6 +34,10 @@ _REPO_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 class ProfileError(Exception):
     """A profile that cannot be used here; the message names the command that makes the right one."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no SM count
 
 
 def model_slug(name: str) -> str:
@@ -75,6 +80,20 @@ class Profile:
     synthetic: bool = False
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self) -> None:
+        """Refuse what the simulator and engine cannot run on (they would fail later, far from the cause)."""
+        sms = self.gpu.get("sm_count")
+        if not _is_int(sms) or sms < 1:
+            raise ValueError(f"gpu.sm_count must be a positive integer, got {sms!r}")
+        if not self.split_sms or not all(_is_int(s) and 0 < s < sms for s in self.split_sms):
+            raise ValueError(f"split_sms must list prefill SM counts in 1..{sms - 1}, got {self.split_sms!r}")
+        if not _is_int(self.kv_capacity_tokens) or self.kv_capacity_tokens < 1:
+            raise ValueError(f"kv_capacity_tokens must be a positive integer, got {self.kv_capacity_tokens!r}")
+        if self.tuned_knobs is not None:
+            if not isinstance(self.tuned_knobs, dict):
+                raise TypeError("tuned_knobs must be an object or null")
+            ControllerKnobs.from_dict(self.tuned_knobs)  # raises on an unknown knob or a bad value
+
     # -- plain data ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,18 +125,13 @@ class Profile:
             missing = [k for k in needed if k not in d[key]]
             if missing:
                 raise KeyError(f"{key}.{missing[0]}")
-        if not isinstance(d["gpu"]["sm_count"], int):
-            raise TypeError("gpu.sm_count must be an integer")
-        knobs = d.get("tuned_knobs")
-        if knobs is not None and not isinstance(knobs, dict):
-            raise TypeError("tuned_knobs must be an object or null")
         return cls(
             gpu=d["gpu"], model=d["model"], granularity=d["granularity"],
             split_sms=[int(s) for s in d["split_sms"]], kv_capacity_tokens=int(d["kv_capacity_tokens"]),
             latency_model=LatencyModel.from_dict(d["latency_model"]),
             samples=[Sample.from_dict(s) for s in d["samples"]], fit_error=dict(d["fit_error"]),
             software=dict(d.get("software") or {}), backend=str(d.get("backend", "green-contexts")),
-            grid=dict(d.get("grid") or {}), created=str(d["created"]), tuned_knobs=knobs,
+            grid=dict(d.get("grid") or {}), created=str(d["created"]), tuned_knobs=d.get("tuned_knobs"),
             step_overhead=StepOverhead.from_dict(d["step_overhead"]) if d.get("step_overhead") else None,
             synthetic=bool(d.get("synthetic", False)), schema_version=int(d["schema_version"]),
         )
@@ -292,11 +306,13 @@ def plot_profile(profile: Profile, path: str | Path) -> Path:
 def run_show(args: Any) -> int:
     from rich.console import Console
 
+    from nexus_tune.cli import report_error
+
     console = Console()
     try:
         profile = Profile.load(args.path)
     except ProfileError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        report_error(str(e))
         return 2
     for table in summary_tables(profile):
         console.print(table)
@@ -306,7 +322,7 @@ def run_show(args: Any) -> int:
 
 
 # -- synthetic profiles (tests only) ----------------------------------------------------------
-# Parameters that reproduce GPU-FACTS.md for Llama-3.1-8B on an H100 (132 SMs) within ~7%:
+# Parameters that reproduce docs/gpu-facts.md for Llama-3.1-8B on an H100 (132 SMs) within ~7%:
 # prefill 2048 tokens 314/88/64/57 ms on 16/64/112/128 SMs and 46.5 on the whole GPU; decode
 # 64 x 2048 KV 28.8/15.9/12.5/12.0 ms on 16/32/64/132 SMs; about +30% decode under a prefill.
 # Prefill launches eagerly (~20 ms of Python per step, docs/performance.md), decode replays a
@@ -329,7 +345,7 @@ _LLAMA_8B_H100 = {
 
 
 def synthetic_latency_model(total_sms: int = 132, granularity: int = 8, scale: float = 1.0) -> LatencyModel:
-    """The GPU-FACTS-like model; `scale` multiplies every time (0.4 is roughly a 3B model)."""
+    """The H100-like model of docs/gpu-facts.md; `scale` multiplies every time (0.4 is roughly a 3B model)."""
     m = LatencyModel(total_sms, split_sizes(Granularity(total_sms, granularity, granularity)))
     truth = _LLAMA_8B_H100
     m.classes_ = {

@@ -302,7 +302,7 @@ class RooflineCost:
     def __call__(self, phase: str, part: str, size: int, kv: int, sms: int) -> float:
         flops, nbytes, launch = self._work(phase, part, size, kv)
         r = sms / self.total_sms
-        # GPU-FACTS shapes: compute scales almost linearly, bandwidth saturates near half the SMs,
+        # The shapes of docs/gpu-facts.md: compute scales almost linearly, bandwidth saturates near half the SMs,
         # and a partition runs ~15% slower than its share of the whole GPU.
         penalty = 1.0 if sms >= self.total_sms else PARTITION_PENALTY
         compute = flops / self.flops_per_ms * share(1.0, 0.25, 1.5) / share(r, 0.25, 1.5) * penalty
@@ -412,18 +412,21 @@ class Sweep:
         return self.table[sms].prefill_stream if phase == "prefill" else self.by_decode_sms[sms].decode_stream
 
     def measure(self, p: Point, est_ms: float, prefill_est_ms: float = 0.0) -> float | None:
-        """Median ms of point p (None: no contended decode step could be timed)."""
+        """Median ms of point p (None: no contended decode step could be timed). Steps are captured
+        on their side's stream with GEMMs sized for its SMs, as the engine runs them."""
         if p.prefill_tokens:
             split = self.by_decode_sms[p.sms]
-            prefill = self.runner.prefill_fn(p.prefill_tokens, p.prefill_kv, "all")
-            decode = self.runner.decode_fn(p.size, p.kv, "all", split.decode_stream)
+            prefill = self.runner.prefill_fn(p.prefill_tokens, p.prefill_kv, "all", split.prefill_stream,
+                                             self._sized(split.prefill_sms))
+            decode = self.runner.decode_fn(p.size, p.kv, "all", split.decode_stream, self._sized(p.sms))
             return _contended_ms(prefill, decode, split, prefill_est_ms, est_ms)
         stream = self.stream(p.phase, p.sms)
-        if p.phase == "prefill":
-            fn = self.runner.prefill_fn(p.size, p.kv, p.part)
-        else:
-            fn = self.runner.decode_fn(p.size, p.kv, p.part, stream)
-        return _median_ms(fn, stream, est_ms)
+        make = self.runner.prefill_fn if p.phase == "prefill" else self.runner.decode_fn
+        return _median_ms(make(p.size, p.kv, p.part, stream, self._sized(p.sms)), stream, est_ms)
+
+    def _sized(self, sms: int) -> int | None:
+        """What the runner sizes GEMMs for: a partition's SMs, None on the whole GPU."""
+        return sms if sms < self.total_sms else None
 
     def run(self, plan: Plan, console: Any) -> tuple[list[Sample], list[str]]:
         """Every point of the plan, with a progress bar whose ETA follows the estimates."""
@@ -478,17 +481,17 @@ def _build_runner(model: str, device: int) -> tuple[Any, Any]:
 class Pilot:
     prefill_ms: float  # PILOT_PREFILL on the whole GPU
     decode_ms: float  # PILOT_DECODE on the whole GPU
-    prep_s: float  # host time of prefill_fn
-    capture_s: float  # host time of decode_fn (warm-up run and graph capture)
+    prep_s: float  # host time of prefill_fn (warm-up run and graph capture)
+    capture_s: float  # host time of decode_fn (likewise)
 
 
 def _pilot(runner: Any, table: Any) -> Pilot:
     """Whole-GPU steps of each phase: warm up (Triton compiles here), calibrate the roofline and
     the per-point host overheads (timed on second calls, compiled already)."""
-    _median_ms(runner.prefill_fn(*PILOT_PREFILL, "all"), table.whole, 100.0)
+    _median_ms(runner.prefill_fn(*PILOT_PREFILL, "all", table.whole), table.whole, 100.0)
     _median_ms(runner.decode_fn(*PILOT_DECODE, "all", table.whole), table.whole, 100.0)
     start = time.perf_counter()
-    prefill = runner.prefill_fn(*PILOT_PREFILL, "all")
+    prefill = runner.prefill_fn(*PILOT_PREFILL, "all", table.whole)
     prep_s = time.perf_counter() - start
     decode = runner.decode_fn(*PILOT_DECODE, "all", table.whole)
     capture_s = time.perf_counter() - start - prep_s

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from engine.llm import AsyncLLM, EngineError, load_profile
 from engine.loops import StepRecord
-from engine.model_runner import DEFAULT_BUCKETS
+from engine.model_runner import DECODE_BUCKETS
 from nexus_tune import metrics
 from nexus_tune.profile import Profile
 from nexus_tune.sequence import SamplingParams
@@ -144,7 +144,7 @@ class PolicyEngine:
         self.policy = policy
         self.engine = AsyncLLM(model, policy=policy, step_log=True, **engine_kwargs)
         self.build_s = time.perf_counter() - t0
-        self.graphs = str(getattr(self.engine.core, "graph_report", "") or "")
+        self.graphs = "; ".join(map(str, getattr(self.engine.core, "graph_report", None) or []))
         self.kv_blocks = self.engine.core.scheduler.bm.num_blocks
         self.decide_us = time_controller(self.engine)
         self.engine.start()
@@ -321,7 +321,7 @@ def step_counts(steps: list[StepRecord]) -> dict[str, Any]:
 
 
 def _bucket(batch: int) -> int:
-    return next((b for b in DEFAULT_BUCKETS if b >= batch), batch)
+    return next((b for b in DECODE_BUCKETS if b >= batch), batch)
 
 
 def _ratio(slow: list[tuple[int, float]], base: list[tuple[int, float]]) -> dict[str, Any] | None:

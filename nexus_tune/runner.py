@@ -24,12 +24,15 @@ Step = Callable[[Any], None]  # called with a torch.cuda.Stream (None on a CPU)
 class PhaseRunner(Protocol):
     num_layers: int
 
-    def prefill_fn(self, tokens: int, kv_prefix: int, part: str) -> Step:
-        """A prefill step: one sequence's chunk of `tokens` new tokens attending to `kv_prefix` cached ones."""
+    def prefill_fn(self, tokens: int, kv_prefix: int, part: str, stream: "torch.cuda.Stream | None" = None,
+                   sms: int | None = None) -> Step:
+        """A prefill step: one sequence's chunk of `tokens` new tokens attending to `kv_prefix` cached ones,
+        captured as a CUDA graph on `stream` with GEMMs sized for `sms` SMs (None: the whole GPU), as the
+        engine runs it; the callable replays it."""
         ...
 
-    def decode_fn(self, batch: int, kv_tokens: int, part: str, stream: "torch.cuda.Stream | None") -> Step:
-        """A decode step of `batch` sequences reading `kv_tokens` KV tokens in total, captured as a
-        CUDA graph on `stream` (a graph keeps the SMs of the stream it was captured on); the callable
-        replays it."""
+    def decode_fn(self, batch: int, kv_tokens: int, part: str, stream: "torch.cuda.Stream | None" = None,
+                  sms: int | None = None) -> Step:
+        """A decode step of `batch` sequences reading `kv_tokens` KV tokens in total, captured and
+        replayed as `prefill_fn`'s (a graph keeps the SMs of the stream it was captured on)."""
         ...

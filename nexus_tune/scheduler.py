@@ -22,6 +22,17 @@ in flight; if that cannot free enough it skips this step and keeps its blocks. T
 running request can always proceed, so no request is lost. (vLLM v1 preempts the request itself
 when nothing is behind it; skipping keeps its KV for the next step instead.)
 
+Lookahead (the engine's overlap of scheduling with the GPU, as vLLM v1's async scheduling): a
+decode batch may be scheduled while the decode batch before it is still running, so the host
+prepares step n+1 while the GPU runs step n. A sequence of the running batch then joins the next
+one with its output token *pending* (`Sequence.num_pending`): sampled on the device, not yet in
+`token_ids`; the engine feeds it to the next step from the device. Its KV length counts the
+pending token, and one that will reach max_tokens with it is left out. A sequence that stops on
+EOS in step n still rides in step n+1 (its token is dropped) and frees its blocks when the last
+batch holding it finishes. The single-loop policies may look ahead only past a decode-only batch;
+after a batch with prompt chunks they schedule once it finished. The simulator finishes every
+batch before the next, so it never looks ahead.
+
 Time is passed in (`now`, seconds); nothing here reads a clock. One lock guards all state;
 `wait` lets a loop sleep until another thread changed it.
 """
@@ -76,11 +87,18 @@ class PrefillBatch:
 
 @dataclass
 class DecodeBatch:
-    """One new token for each sequence; `kv_tokens` is the KV the step reads (the new tokens' included)."""
+    """One new token for each sequence. `kv_lens[i]`: the KV sequence i holds after the step (its
+    input token at position kv_lens[i] - 1); `pending[i]`: that input token is still on the device."""
 
     seqs: list[Sequence]
-    kv_tokens: int
+    kv_lens: list[int]
+    pending: list[bool]
     sms: int | None = None
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV_d: the KV tokens the step reads, its new tokens' included."""
+        return sum(self.kv_lens)
 
 
 @dataclass
@@ -133,9 +151,8 @@ class Scheduler:
         self._queued_tokens = 0  # tokens still to prefill, over waiting and prefilling sequences
         self._decode_kv = 0  # sum of num_tokens over decoding sequences
         self._prefill_batch: PrefillBatch | None = None  # in flight
-        self._decode_batch: DecodeBatch | None = None
-        self._prefill_sms = 0  # SMs held by the batch in flight on each side
-        self._decode_sms = 0
+        self._decode_batches: list[DecodeBatch] = []  # in flight: at most two (lookahead)
+        self._prefill_sms = 0  # SMs held by the batches in flight on each side
         self.split = self.static_sms if self.policy == "static" else total_sms
         self.num_preemptions = 0
 
@@ -199,7 +216,7 @@ class Scheduler:
     def schedule_decode(self, now: float) -> DecodeBatch | None:
         """Every decoding sequence (first come, first served, at most max_num_seqs) and the SMs to use."""
         with self._lock:
-            self._require(self.two_loops and self._decode_batch is None, "schedule_decode")
+            self._require(self.two_loops and len(self._decode_batches) <= 1, "schedule_decode")
             free_sms = self.total_sms - self._prefill_sms
             if free_sms <= 0 or not self._num_decoding:
                 return None
@@ -208,7 +225,7 @@ class Scheduler:
                 return None
             p_t, kv_p = self._prefill_load()
             batch.sms = min(self.total_sms - self._decide(now, p_t, kv_p), free_sms)
-            self._decode_batch, self._decode_sms = batch, batch.sms
+            self._decode_batches.append(batch)
             return batch
 
     # -- single-loop policies ------------------------------------------------------------------
@@ -216,7 +233,7 @@ class Scheduler:
     def schedule_step(self, now: float) -> PrefillBatch | DecodeBatch | None:
         """prefill-first: a prefill batch whenever one can be formed, else a decode batch."""
         with self._lock:
-            self._require(self.policy == "prefill-first" and self._idle(), "schedule_step")
+            self._require(self.policy == "prefill-first" and self._may_look_ahead(), "schedule_step")
             batch = self._form_prefill(self.mixed_token_budget)
             if batch is not None:
                 batch.sms = self.total_sms
@@ -225,14 +242,14 @@ class Scheduler:
             batch = self._form_decode()
             if batch is not None:
                 batch.sms = self.total_sms
-                self._decode_batch = batch
+                self._decode_batches.append(batch)
             return batch
 
     def schedule_mixed(self, now: float) -> MixedBatch | None:
         """chunked (vLLM v1): running sequences first in admission order, then waiting ones, first come
         first served, under the token budget; no new admission in a step that preempted."""
         with self._lock:
-            self._require(self.policy == "chunked" and self._idle(), "schedule_mixed")
+            self._require(self.policy == "chunked" and self._may_look_ahead(), "schedule_mixed")
             budget = self.mixed_token_budget
             decode, chunks = [], []
             preemptions = self.num_preemptions
@@ -240,7 +257,9 @@ class Scheduler:
                 if budget <= 0:
                     break
                 if seq.status is DECODING:
-                    n, total = 1, seq.num_tokens
+                    if self._done_with_pending(seq):
+                        continue
+                    n, total = 1, seq.num_tokens + seq.num_pending
                 elif seq.status is PREFILLING:
                     n = min(seq.num_prefill_remaining, budget)
                     total = seq.num_computed_tokens + n
@@ -248,10 +267,10 @@ class Scheduler:
                     continue
                 if not self._allocate_or_preempt(seq, total):
                     continue
-                seq.in_flight = True
                 if seq.status is DECODING:
                     decode.append(seq)
                 else:
+                    seq.in_flight += 1
                     chunks.append((seq, n))
                 budget -= n
             if self.num_preemptions == preemptions:
@@ -264,10 +283,12 @@ class Scheduler:
                     chunks.append((seq, n))
                     budget -= n
             prefill = self._prefill_batch_of(chunks)
-            dec = DecodeBatch(decode, sum(s.num_tokens for s in decode)) if decode else None
+            dec = self._decode_batch_of(decode) if decode else None
             if prefill is None and dec is None:
                 return None
-            self._prefill_batch, self._decode_batch = prefill, dec
+            self._prefill_batch = prefill
+            if dec is not None:
+                self._decode_batches.append(dec)
             return MixedBatch(prefill, dec)
 
     # -- results -------------------------------------------------------------------------------
@@ -279,9 +300,7 @@ class Scheduler:
         with self._lock:
             self._prefill_batch, self._prefill_sms = None, 0
             for seq, n, last, token in zip(batch.seqs, batch.chunk_lens, batch.last, first_tokens):
-                seq.in_flight = False
-                if seq.status is ABORTED:
-                    self.bm.free(seq, fence)
+                if self._land(seq, fence):
                     continue
                 seq.num_computed_tokens += n
                 self._queued_tokens -= n
@@ -301,12 +320,11 @@ class Scheduler:
                       finished: Collection[str] = (), fence: Fence | None = None) -> None:
         """The batch ran: `new_tokens[i]` is sequence i's new token; `finished` as in finish_prefill."""
         with self._lock:
-            self._decode_batch, self._decode_sms = None, 0
+            self._decode_batches = [b for b in self._decode_batches if b is not batch]
             grown = 0
             for seq, token in zip(batch.seqs, new_tokens):
-                seq.in_flight = False
-                if seq.status is ABORTED:
-                    self.bm.free(seq, fence)
+                seq.num_pending -= 1
+                if self._land(seq, fence):
                     continue
                 seq.num_computed_tokens = len(seq.token_ids)
                 seq.token_ids.append(token)
@@ -337,8 +355,29 @@ class Scheduler:
             raise RuntimeError(f"{call}() is not valid now for policy {self.policy!r} (wrong policy, or the "
                                "previous batch of that kind has not been finished)")
 
-    def _idle(self) -> bool:
-        return self._prefill_batch is None and self._decode_batch is None
+    @property
+    def _decode_sms(self) -> int:
+        """SMs held by decode: the widest decode batch in flight (0 when none is)."""
+        return max((b.sms or 0 for b in self._decode_batches), default=0)
+
+    def _may_look_ahead(self) -> bool:
+        """Single-loop policies: nothing in flight, or only one decode-only batch."""
+        return self._prefill_batch is None and len(self._decode_batches) <= 1
+
+    def _land(self, seq: Sequence, fence: Fence | None) -> bool:
+        """A batch holding `seq` finished: True if `seq` was retired meanwhile (its output is dropped);
+        its blocks are freed once no batch in flight holds it."""
+        seq.in_flight -= 1
+        if seq.status in (ABORTED, FINISHED):
+            if not seq.in_flight:
+                self.bm.free(seq, fence)
+            return True
+        return False
+
+    @staticmethod
+    def _done_with_pending(seq: Sequence) -> bool:
+        """Its pending token is its last one (max_tokens): no further step for it."""
+        return seq.num_pending > 0 and seq.num_output_tokens + seq.num_pending >= seq.params.max_tokens
 
     def _key(self, seq: Sequence) -> float:
         if self.two_loops:  # remaining - gamma x (now - arrival), up to the shared -gamma x now
@@ -360,7 +399,7 @@ class Scheduler:
         heapq.heappop(self._waiting)
         self._num_waiting -= 1
         seq.status = PREFILLING
-        seq.in_flight = True
+        seq.in_flight += 1
         self._running[seq.seq_id] = seq
 
     def _form_prefill(self, budget: int) -> PrefillBatch | None:
@@ -382,7 +421,7 @@ class Scheduler:
                 if not self._allocate_or_preempt(seq, seq.num_computed_tokens + n):
                     continue
                 del self._partial[seq.seq_id]
-                seq.in_flight = True
+                seq.in_flight += 1
             elif head is not None:
                 seq, n = head, min(head.num_prefill_remaining, budget)
                 if len(self._running) >= self.max_num_seqs or not self.bm.allocate(seq, n):
@@ -406,18 +445,26 @@ class Scheduler:
 
     def _form_decode(self) -> DecodeBatch | None:
         """Every decoding sequence in admission order that has (or can get) a block for its next token."""
-        seqs, kv = [], 0
+        seqs = []
         capacity = self.bm.block_size
         for seq in list(self._running.values()):
-            if seq.status is not DECODING:
+            if seq.status is not DECODING or self._done_with_pending(seq):
                 continue
-            n = len(seq.token_ids)  # KV it holds after this step
+            n = seq.num_tokens + seq.num_pending  # KV it holds after this step
             if len(seq.block_table) * capacity < n and not self._allocate_or_preempt(seq, n):
                 continue
-            seq.in_flight = True
             seqs.append(seq)
-            kv += n
-        return DecodeBatch(seqs, kv) if seqs else None
+        return self._decode_batch_of(seqs) if seqs else None
+
+    @staticmethod
+    def _decode_batch_of(seqs: list[Sequence]) -> DecodeBatch:
+        """The batch of `seqs`, each now one more output token (pending) ahead."""
+        pending = [s.num_pending > 0 for s in seqs]
+        kv_lens = [s.num_tokens + s.num_pending for s in seqs]
+        for seq in seqs:
+            seq.in_flight += 1
+            seq.num_pending += 1
+        return DecodeBatch(seqs, kv_lens, pending)
 
     def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for `seq` to hold `num_tokens`, preempting idle sequences admitted after it if that suffices."""

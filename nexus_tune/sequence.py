@@ -11,6 +11,10 @@ import enum
 from dataclasses import dataclass, field
 
 
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_REPETITION_PENALTY = 10.0  # far past any useful value; keeps logits finite
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -20,6 +24,10 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # vLLM's: logits of prompt and output tokens / r (positive) or * r
+    logprobs: int | None = None  # return the sampled token's logprob and this many most likely tokens'
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # OpenAI's API accepts one string or a list
@@ -36,6 +44,18 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:  # also rejects NaN
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], "
+                             f"got {self.repetition_penalty!r}")
+        if self.logprobs is not None and not (type(self.logprobs) is int and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 class SequenceStatus(enum.Enum):
@@ -61,7 +81,10 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
-    in_flight: bool = False  # inside a batch the engine is running; set by the scheduler
+    in_flight: int = 0  # batches the engine is running that hold it; set by the scheduler
+    # Output tokens sampled by decode batches in flight, not yet in token_ids: a decode batch may be
+    # scheduled while the previous one still runs (its input token then comes from the device).
+    num_pending: int = 0
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

@@ -9,6 +9,11 @@ step at a time on the whole GPU. Step durations come from the profile's `Latency
   as contention when one runs at launch time (the duration is fixed at launch);
 - chunked's mixed batch: its tokens as one prefill on the whole GPU plus what the decode
   sequences' attention adds: `predict_prefill(P + B, KV_p) + predict_decode(B, KV_d) - predict_decode(B, 0)`.
+The nexus controller plans with the same step times (`overhead.StepTimes`: the profile's curve
+under the online correction, plus its StepOverhead) and, as in the engine, every finished
+two-loop step's kernel time is fed back to it (`StepTimes.update`). With `gpu` (another latency
+model: the GPU as it really is), steps take that model's times while the controller starts from
+the profile's and learns the difference online, as the engine does.
 Time convention (the engine's): a token is out when the step that sampled it ends. The first
 token is sampled from the logits of the prefill's last chunk, so TTFT = arrival -> end of the
 prefill step holding the last prompt chunk (queueing and earlier chunks included); every decode
@@ -25,8 +30,9 @@ from typing import TYPE_CHECKING
 from nexus_tune import metrics
 from nexus_tune.block_manager import BlockManager
 from nexus_tune.controller import ControllerKnobs
+from nexus_tune.latency_model import LatencyModel
 from nexus_tune.metrics import RequestRecord
-from nexus_tune.overhead import step_gpu_ms
+from nexus_tune.overhead import StepTimes, step_gpu_ms
 from nexus_tune.scheduler import MIXED_TOKEN_BUDGET, DecodeBatch, MixedBatch, PrefillBatch, Scheduler
 from nexus_tune.sequence import SamplingParams, Sequence
 from nexus_tune.workload import TraceRequest
@@ -54,26 +60,29 @@ class SimResult:
 
 
 def simulate(profile: Profile, trace: list[TraceRequest], policy: str, knobs: ControllerKnobs | None = None, *,
-             max_num_seqs: int = 256, block_size: int = 16,
-             mixed_token_budget: int = MIXED_TOKEN_BUDGET) -> SimResult:
+             max_num_seqs: int = 256, block_size: int = 16, mixed_token_budget: int = MIXED_TOKEN_BUDGET,
+             gpu: LatencyModel | None = None) -> SimResult:
     """Replay `trace` under `policy` (nexus | chunked | prefill-first | static:N) on `profile`.
 
-    `knobs` default to the profile's tuned knobs, else ControllerKnobs().
+    `knobs` default to ControllerKnobs.for_profile(profile): its tuned knobs, else derived ones.
+    `gpu`: the kernel times steps really take, when they differ from the profile's (module docstring).
     """
-    if knobs is None:
-        knobs = ControllerKnobs.from_dict(profile.tuned_knobs) if profile.tuned_knobs else ControllerKnobs()
-    return _Simulation(profile, trace, policy, knobs, max_num_seqs, block_size, mixed_token_budget).run()
+    knobs = knobs or ControllerKnobs.for_profile(profile)
+    return _Simulation(profile, trace, policy, knobs, max_num_seqs, block_size, mixed_token_budget, gpu).run()
 
 
 class _Simulation:
     def __init__(self, profile: Profile, trace: list[TraceRequest], policy: str, knobs: ControllerKnobs,
-                 max_num_seqs: int, block_size: int, mixed_token_budget: int):
-        self.model = profile.latency_model
+                 max_num_seqs: int, block_size: int, mixed_token_budget: int, gpu: LatencyModel | None):
+        self.model = gpu or profile.latency_model
         self.overhead = profile.step_overhead
         self.total_sms = int(profile.gpu["sm_count"])
         blocks = BlockManager(profile.kv_capacity_tokens // block_size, block_size)
+        # The controller's own copy: its online correction must not leak into the profile.
+        self.times = (StepTimes(LatencyModel.from_dict(profile.latency_model.to_dict()), self.overhead)
+                      if policy == "nexus" else None)
         self.sched = Scheduler(policy, blocks, knobs, max_num_seqs=max_num_seqs, total_sms=self.total_sms,
-                               split_sms=profile.split_sms, model=self.model,
+                               split_sms=profile.split_sms, model=self.times,
                                mixed_token_budget=mixed_token_budget)
         self.policy = policy
         self.trace = trace
@@ -114,10 +123,12 @@ class _Simulation:
             self._arrive(payload)
         elif kind == _PREFILL_DONE:
             self.prefill_busy = None
-            self._finish_prefill(payload)
+            self._observe(payload[1])
+            self._finish_prefill(payload[0])
         elif kind == _DECODE_DONE:
             self.decode_busy = False
-            self._finish_decode(payload)
+            self._observe(payload[1])
+            self._finish_decode(payload[0])
         else:
             self.gpu_busy = False
             parts = [payload] if not isinstance(payload, MixedBatch) else [payload.decode, payload.prefill]
@@ -175,42 +186,51 @@ class _Simulation:
         if self.prefill_busy is None:
             batch = self.sched.schedule_prefill(self.now)
             if batch is not None:
-                ms = self._step_ms("prefill", batch.sms, prefill=batch)
+                ms, seen = self._step_ms("prefill", batch.sms, prefill=batch)
                 self.prefill_busy = batch
-                self._push(self.now + ms * 1e-3, _PREFILL_DONE, batch)
+                self._push(self.now + ms * 1e-3, _PREFILL_DONE, (batch, seen))
         if not self.decode_busy:
             batch = self.sched.schedule_decode(self.now)
             if batch is not None:
-                ms = self._step_ms("decode", batch.sms, decode=batch, beside=self.prefill_busy)
+                ms, seen = self._step_ms("decode", batch.sms, decode=batch, beside=self.prefill_busy)
                 self.decode_busy = True
-                self._push(self.now + ms * 1e-3, _DECODE_DONE, batch)
+                self._push(self.now + ms * 1e-3, _DECODE_DONE, (batch, seen))
+
+    def _observe(self, seen: tuple) -> None:
+        """What the engine's loops feed the controller after a step: its kernel time and its cycle."""
+        if self.times is not None:
+            *step, cycle_ms = seen
+            self.times.update(*step, cycle_ms=cycle_ms)
 
     def _launch_single_loop(self) -> None:
         if self.sched.policy == "chunked":
             batch = self.sched.schedule_mixed(self.now)
-            ms = None if batch is None else self._step_ms("mixed", self.total_sms, batch.prefill, batch.decode)
+            ms = None if batch is None else self._step_ms("mixed", self.total_sms, batch.prefill, batch.decode)[0]
         else:
             batch = self.sched.schedule_step(self.now)
             if isinstance(batch, PrefillBatch):
-                ms = self._step_ms("single", self.total_sms, prefill=batch)
+                ms = self._step_ms("single", self.total_sms, prefill=batch)[0]
             elif batch is not None:
-                ms = self._step_ms("single", self.total_sms, decode=batch)
+                ms = self._step_ms("single", self.total_sms, decode=batch)[0]
         if batch is not None:
             self.gpu_busy = True
             self._push(self.now + ms * 1e-3, _STEP_DONE, batch)
 
     def _step_ms(self, loop: str, sms: int, prefill: PrefillBatch | None = None, decode: DecodeBatch | None = None,
-                 beside: PrefillBatch | None = None) -> float:
-        """A step's time on `loop` (engine/loops.py's names): the profile's kernel time, plus the
-        engine's overhead for that loop and step kind when the profile holds one."""
+                 beside: PrefillBatch | None = None) -> tuple[float, tuple]:
+        """A step's time on `loop` (engine/loops.py's names): the kernel time, plus the engine's
+        overhead for that loop and step kind when the profile holds one; and the step as the
+        engine reports it to the controller (StepTimes.update's arguments, the cycle last)."""
         kind = "decode" if prefill is None else "prefill" if decode is None else "mixed"
         p_t, p_kv = (prefill.num_tokens, prefill.prefix_tokens) if prefill is not None else (0, 0)
         d_n, d_kv = (len(decode.seqs), decode.kv_tokens) if decode is not None else (0, 0)
         b_t, b_kv = (beside.num_tokens, beside.prefix_tokens) if beside is not None else (0, 0)
         gpu_ms = step_gpu_ms(self.model, kind, sms, p_t, p_kv, d_n, d_kv, b_t, b_kv)
-        if self.overhead is None:
-            return gpu_ms
-        return self.overhead.predict(f"{loop}/{kind}", gpu_ms, d_n + (len(prefill.seqs) if prefill is not None else 0))
+        seqs = d_n + (len(prefill.seqs) if prefill is not None else 0)
+        ms = gpu_ms if self.overhead is None else self.overhead.predict(f"{loop}/{kind}", gpu_ms, seqs)
+        seen = (("prefill", p_t, p_kv, sms, gpu_ms, 0, 0) if kind == "prefill"
+                else ("decode", d_n, d_kv, sms, gpu_ms, b_t, b_kv))
+        return ms, (*seen, ms)
 
 
 # (row label, summary key, format) of the `nexus-tune simulate` table.
@@ -239,9 +259,9 @@ def run_simulate(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from nexus_tune.cli import report_error
     from nexus_tune.plan import recommended_knobs
     from nexus_tune.profile import Profile, ProfileError
-    from nexus_tune.scheduler import parse_policy
     from nexus_tune.workload import make_trace
 
     console = Console()
@@ -249,9 +269,7 @@ def run_simulate(args) -> int:
         profile = Profile.load(args.profile)
         slos = metrics.parse_slos(args.slo)
         trace = make_trace(args.workload, args.num_prompts, args.request_rate, args.burstiness, args.seed)
-        policies = args.policy or default_policies(profile)
-        for policy in policies:
-            parse_policy(policy)
+        policies = args.policy or default_policies(profile)  # the CLI checked the names
         knobs = recommended_knobs(profile, slos)  # as `plan` does: tuned knobs, slo targets from --slo
         results = []
         with console.status("") as status:
@@ -259,7 +277,7 @@ def run_simulate(args) -> int:
                 status.update(f"simulating {policy} on {len(trace)} requests ...")
                 results.append(simulate(profile, trace, policy, knobs))
     except (ProfileError, ValueError, OSError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        report_error(str(e))
         return 2
 
     slo_text = ", ".join(f"{k} <= {v:g} ms" for k, v in slos.items()) or "none"

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import optuna
 from rich.console import Console
@@ -21,13 +21,11 @@ from rich.table import Table
 
 from nexus_tune import metrics
 from nexus_tune.bench import progress_bar
-from nexus_tune.controller import ControllerKnobs
+from nexus_tune.controller import CHUNK_CHOICES, ControllerKnobs
 from nexus_tune.profile import Profile, ProfileError
 from nexus_tune.simulate import simulate
-from nexus_tune.workload import make_trace
+from nexus_tune.workload import TraceRequest, make_trace
 
-# Powers of two: the engine's prefill step sizes, and TPE handles a short ordered list well.
-CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192)
 TRIAL_BATCH = 4  # trials simulated at once (fixed, so results do not depend on the core count)
 
 
@@ -79,11 +77,12 @@ class CapacityProbe:
     slos: dict[str, float]
     policy: str = "nexus"
     knobs: ControllerKnobs | None = None
+    burstiness: float = 1.0  # arrivals: 1 is Poisson, below 1 burstier (gamma shape)
     summaries: dict[float, dict] = field(default_factory=dict)
 
     def summary(self, rate: float) -> dict:
         if rate not in self.summaries:
-            trace = make_trace(self.workload, self.num_prompts, rate, seed=self.seed)
+            trace = make_trace(self.workload, self.num_prompts, rate, self.burstiness, self.seed)
             self.summaries[rate] = simulate(self.profile, trace, self.policy, self.knobs).summary(self.slos)
         return self.summaries[rate]
 
@@ -137,12 +136,6 @@ def rate_range(profile: Profile, workload: str, num_prompts: int, seed: int) -> 
     return 0.5 * bound, 1.5 * bound
 
 
-def slo_knobs(slos: dict[str, float], knobs: ControllerKnobs | None = None) -> ControllerKnobs:
-    """`knobs` (default: the defaults) with the slo-mode targets set from the SLOs."""
-    knobs = knobs or ControllerKnobs()
-    return replace(knobs, ttft_ms=slos.get("ttft", knobs.ttft_ms), tbt_ms=slos.get("tpot", knobs.tbt_ms))
-
-
 def suggest_knobs(trial: optuna.Trial, slos: dict[str, float]) -> ControllerKnobs:
     """One point of the search space; knobs a mode does not read are not suggested in it."""
     params: dict = {
@@ -155,23 +148,22 @@ def suggest_knobs(trial: optuna.Trial, slos: dict[str, float]) -> ControllerKnob
         params["alpha"] = trial.suggest_float("alpha", 1.0, 4.0)
         params["beta"] = trial.suggest_float("beta", 1.0, 3.0)
         params["kv_threshold"] = trial.suggest_float("kv_threshold", 0.3, 0.95)
-    else:
-        params["ttft_margin"] = trial.suggest_float("ttft_margin", 0.0, 0.6)
+    else:  # slo mode reads the TBT margin (the TTFT SLO only sizes for_profile's chunk: a knob here)
         params["tbt_margin"] = trial.suggest_float("tbt_margin", 0.0, 0.6)
-    return slo_knobs(slos, ControllerKnobs(**params))
+    return ControllerKnobs(**params).with_slos(slos)
 
 
 def _as_params(knobs: ControllerKnobs) -> dict:
     """The trial parameters that reproduce `knobs` (for enqueueing a known point)."""
     keys = ["mode", "delta", "gamma", "prefill_chunk_tokens"]
-    keys += ["alpha", "beta", "kv_threshold"] if knobs.mode == "paper" else ["ttft_margin", "tbt_margin"]
+    keys += ["alpha", "beta", "kv_threshold"] if knobs.mode == "paper" else ["tbt_margin"]
     return {k: getattr(knobs, k) for k in keys}
 
 
 def tune(profile: Profile, workload: str, slos: dict[str, float], trials: int, seed: int = 0,
          num_prompts: int = 1000, max_sims: int = 6, workers: int | None = None,
          on_trial: Callable[[], None] = lambda: None) -> dict:
-    """Search the knobs; the first trial is the profile's current knobs (or the defaults).
+    """Search the knobs; the first trial is the profile's current knobs (tuned, else derived).
 
     The baseline runs alone with a full search; then trials run in batches of TRIAL_BATCH, one
     process each: TPE asks a batch, the simulations run in parallel, the results are told in
@@ -180,19 +172,21 @@ def tune(profile: Profile, workload: str, slos: dict[str, float], trials: int, s
     """
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}")
-    baseline = slo_knobs(slos, ControllerKnobs.from_dict(profile.tuned_knobs) if profile.tuned_knobs else None)
+    baseline = ControllerKnobs.for_profile(profile, slos)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     study.enqueue_trial(_as_params(baseline))
     best_cap, best_knobs = 0.0, baseline
     start, ceiling = rate_range(profile, workload, num_prompts, seed)
-    while len(study.trials) < trials:
+    told = 0  # not len(study.trials): that counts the enqueued baseline before it is asked
+    while told < trials:
         if best_cap > 0:  # start at the best so far; a trial far below it is known bad after few runs
             size, search = TRIAL_BATCH, (best_cap, 1.5, max_sims, best_cap / 2.5, ceiling)
         else:  # the baseline alone first (and whatever follows it while nothing passes): a full search
             size, search = 1, (start, 2.0, 2 * max_sims, 0.0, ceiling)
-        asked = [study.ask() for _ in range(min(size, trials - len(study.trials)))]
+        asked = [study.ask() for _ in range(min(size, trials - told))]
+        told += len(asked)
         knobs = [suggest_knobs(t, slos) for t in asked]
         jobs = [(CapacityProbe(profile, workload, num_prompts, seed, slos, "nexus", k), *search) for k in knobs]
         results = parallel_map(search_capacity, jobs, workers, on_trial)
@@ -215,25 +209,57 @@ def knobs_table(columns: dict[str, ControllerKnobs], title: str = "Controller kn
     return table
 
 
+def check_slos_reachable(profile: Profile, trace: list[TraceRequest], slos: dict[str, float]) -> None:
+    """Raise ValueError when no arrival rate can meet `slos` for ATTAINMENT_TARGET of `trace`'s requests.
+
+    Each request is timed alone on the whole GPU, its prompt in one prefill step, kernel time only:
+    no policy does better. If too few requests meet the SLOs even so, a capacity search could only
+    end at 0, after its slowest simulations (the low rates)."""
+    model, sms = profile.latency_model, profile.gpu["sm_count"]
+    alone = []
+    for r in trace:
+        first_s = model.predict_prefill(r.prompt_tokens, 0, sms) * 1e-3
+        per_token_s = model.predict_decode(1, r.prompt_tokens, sms) * 1e-3
+        alone.append(metrics.RequestRecord(r.request_id, 0.0, r.prompt_tokens, r.output_tokens, first_token_s=first_s,
+                                           finish_s=first_s + (r.output_tokens - 1) * per_token_s, success=True))
+    share, target = metrics.slo_attainment(alone, slos), metrics.ATTAINMENT_TARGET
+    if share >= target:
+        return
+    rank = math.ceil(target * len(alone)) - 1  # the limit that `target` of the requests meet alone
+    least = ", ".join(f"{name} {sorted(getattr(r, f'{name}_ms') for r in alone)[rank]:.4g}" for name in slos)
+    raise ValueError(f"no arrival rate meets {', '.join(f'{k}={v:g}' for k, v in slos.items())} ms for "
+                     f"{target:.0%} of the requests: even alone on the whole GPU only {share:.0%} do. "
+                     f"Limits {target:.0%} of them meet alone: at least {least} ms")
+
+
 def sim_inputs(args) -> tuple[Profile, dict[str, float]]:
-    """The profile and SLOs a `tune` or `plan` command line names; a bad workload fails here, before
-    any simulation. Raises ValueError or ProfileError."""
+    """The profile and SLOs a `tune` or `plan` command line names; a bad workload or SLOs no rate can
+    meet fail here, before any simulation. Raises ValueError or ProfileError."""
     slos = metrics.parse_slos(args.slo)
     if not slos:
         raise ValueError("--slo is empty: give ttft=MS,tpot=MS")
     profile = Profile.load(args.profile)
-    make_trace(args.workload, 1, 1.0, seed=args.seed)
+    check_slos_reachable(profile, make_trace(args.workload, args.num_prompts, 1.0, seed=args.seed), slos)
     return profile, slos
 
 
+def capacity_text(capacity: float, ceiling: float) -> str:
+    """A capacity as printed: a search that reached its ceiling only knows a lower bound."""
+    return f">={capacity:.3g}" if capacity >= ceiling else f"{capacity:.3g}"
+
+
+CEILING_NOTE = (">=: the search stops at 1.5x the prefill-only bound (the GPU doing nothing but prefill); "
+                "the SLOs do not limit the capacity below that")
+
+
 def run_tune(args) -> int:
+    from nexus_tune.cli import report_error
+
     console = Console()
     try:
-        if args.trials < 1:
-            raise ValueError(f"--trials must be at least 1, got {args.trials}")
         profile, slos = sim_inputs(args)
     except (ValueError, ProfileError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        report_error(str(e))
         return 2
     progress = progress_bar(console)
     with progress:
@@ -241,13 +267,16 @@ def run_tune(args) -> int:
         out = tune(profile, args.workload, slos, args.trials, args.seed, args.num_prompts,
                    on_trial=lambda: progress.advance(task))
     console.print(knobs_table({"before": out["baseline_knobs"], "tuned": out["best_knobs"]}))
-    console.print(f"Capacity under {args.slo} on {args.workload}: {out['baseline_capacity']:.3g} -> "
-                  f"{out['best_capacity']:.3g} req/s after {out['trials']} trials")
+    ceiling = rate_range(profile, args.workload, args.num_prompts, args.seed)[1]
+    console.print(f"Capacity under {args.slo} on {args.workload}: {capacity_text(out['baseline_capacity'], ceiling)} "
+                  f"-> {capacity_text(out['best_capacity'], ceiling)} req/s after {out['trials']} trials")
+    if out["best_capacity"] >= ceiling:
+        console.print(CEILING_NOTE)
     profile.tuned_knobs = out["best_knobs"].to_dict()
     try:
         profile.save(args.profile)
-    except (OSError, ProfileError) as e:
-        console.print(f"[red]error:[/red] could not write the tuned knobs: {e}")
+    except (OSError, ProfileError) as e:  # the CLI checked the file is writable; this is what changed since
+        report_error(f"could not write the tuned knobs: {e}")
         return 1
     console.print(f"Tuned knobs written to {args.profile}")
     return 0

@@ -96,10 +96,11 @@ def arrival_times(n: int, request_rate: float, burstiness: float, rng: np.random
     drawn at unit rate and divided by the rate, so traces at different rates (same seed) are
     time-scaled copies of one another: capacity searches then see a monotone workload.
     """
-    if burstiness <= 0:
-        raise ValueError(f"burstiness must be positive, got {burstiness}")
-    if request_rate <= 0:
-        raise ValueError(f"request rate must be positive, got {request_rate}")
+    # Written so that NaN fails too: NaN arrival times never compare equal and hang the simulator.
+    if not 0 < burstiness < math.inf:
+        raise ValueError(f"burstiness must be a positive, finite number, got {burstiness}")
+    if not request_rate > 0:
+        raise ValueError(f"request rate must be positive (inf: all at once), got {request_rate}")
     if math.isinf(request_rate):
         return np.zeros(n)
     gaps = rng.gamma(shape=burstiness, scale=1.0 / burstiness, size=max(n - 1, 0)) / request_rate
@@ -129,8 +130,8 @@ def load_sharegpt(path: str, n: int, rng: np.random.Generator) -> list[tuple[str
         raise ValueError(f"ShareGPT file {path}: expected a JSON list of conversations")
     pairs = []
     for entry in data:
-        turns = entry.get("conversations", []) if isinstance(entry, dict) else []
-        if len(turns) < 2:
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) for t in turns[:2]):
             continue
         prompt, reply = str(turns[0].get("value", "")), str(turns[1].get("value", ""))
         n_in, n_out = count_tokens(prompt), count_tokens(reply)
@@ -157,8 +158,9 @@ def make_trace(name: str, num_prompts: int, request_rate: float, burstiness: flo
         name, path = "sharegpt", name
     if name not in DATASETS:
         raise ValueError(f"unknown workload {name!r}: use one of {', '.join(DATASETS)} or a ShareGPT JSON file")
-    if num_prompts < 1:
-        raise ValueError(f"num_prompts must be at least 1, got {num_prompts}")
+    if min(num_prompts, random_input_len, random_output_len) < 1:
+        raise ValueError(f"num_prompts, random_input_len and random_output_len must be at least 1, got "
+                         f"{num_prompts}, {random_input_len}, {random_output_len}")
     rng_len = np.random.default_rng([seed, 0])
     arrivals = arrival_times(num_prompts, request_rate, burstiness, np.random.default_rng([seed, 1]))
     prompts: list[str | None] = [None] * num_prompts

@@ -16,13 +16,16 @@ from nexus_tune.cli import main
 from nexus_tune.workload import make_trace
 
 TOKEN_DELAY_S = 0.002
-MAX_TOKENS = 64  # the fake server's "context": longer requests answer HTTP 400
+MAX_TOKENS = 64  # the fake server's output limit: longer requests answer HTTP 400
+CONTEXT = 1024  # the context length its /v1/models reports
 
 
 def fake_app(bytes_per_token: bool) -> FastAPI:
-    """Counts prompt tokens as words + 1 (a BOS), or as UTF-8 bytes (a byte-level tokenizer)."""
+    """Counts prompt tokens as words + 1 (a BOS), or as UTF-8 bytes (a byte-level tokenizer).
+    With app.state.limit set, a stream beyond that many in flight answers 503, as an overloaded server."""
     app = FastAPI()
     app.state.in_flight = app.state.max_in_flight = 0
+    app.state.limit = None
 
     def prompt_tokens(body: dict) -> int:
         text = body["prompt"] if "prompt" in body else body["messages"][-1]["content"]
@@ -35,6 +38,10 @@ def fake_app(bytes_per_token: bool) -> FastAPI:
         usage = {"prompt_tokens": usage_in, "completion_tokens": n, "total_tokens": usage_in + n}
         if not body.get("stream"):
             return {"choices": [{"text": " tok", "finish_reason": "length"}], "usage": usage}
+        if app.state.limit is not None and app.state.in_flight >= app.state.limit:
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+        app.state.in_flight += 1  # counted on arrival: streams start after every handler has run
+        app.state.max_in_flight = max(app.state.max_in_flight, app.state.in_flight)
 
         def chunk(i):
             finish = "length" if i == n - 1 else None
@@ -43,8 +50,6 @@ def fake_app(bytes_per_token: bool) -> FastAPI:
             return {"choices": [{"index": 0, "text": f" t{i}", "finish_reason": finish}]}
 
         async def events():
-            app.state.in_flight += 1
-            app.state.max_in_flight = max(app.state.max_in_flight, app.state.in_flight)
             try:
                 if chat:
                     yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'role': 'assistant'}}]})}\n\n"
@@ -61,7 +66,7 @@ def fake_app(bytes_per_token: bool) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+        return {"object": "list", "data": [{"id": "fake-model", "object": "model", "max_model_len": CONTEXT}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -145,12 +150,13 @@ def test_goodput_counts_only_requests_meeting_slos(server, tmp_path):
     assert result["request_goodput"] == 0.0 and result["slo_attainment"] == 0.0 and result["completed"] == 12
 
 
-def test_failed_requests_and_chat_endpoint(server, tmp_path):
+def test_failed_requests_and_chat_endpoint(server, tmp_path, capsys):
     url, _, _ = server
     argv = bench_argv(url, tmp_path, "--endpoint", "/v1/chat/completions")
     argv[argv.index("--random-output-len") + 1] = str(MAX_TOKENS + 1)  # the fake server refuses these
-    assert main(argv) == 0
-    result = json.loads((tmp_path / "r.json").read_text())
+    assert main(argv) == 1  # every request failed: a broken setup, not a measurement
+    assert "every request failed; the first: HTTP 400" in capsys.readouterr().err
+    result = json.loads((tmp_path / "r.json").read_text())  # still written, for the errors
     assert result["completed"] == 0 and result["failed"] == 12
     assert all(e.startswith("HTTP 400") for e in result["errors"])
     assert main(bench_argv(url, tmp_path, "--endpoint", "/v1/chat/completions")) == 0
@@ -166,22 +172,35 @@ def test_max_concurrency_caps_in_flight(server, tmp_path):
 
 
 def test_sweep_finds_capacity_and_plots(server, tmp_path):
-    url, _, _ = server
+    url, app, _ = server
+    # 4 streams at a time: near-regular arrivals every 50 ms all pass (a stream lasts ~16 ms); 12 at
+    # once lose 8 to 503s, so the highest rate fails the SLO however fast the machine is.
+    app.state.limit = 4
     plot = tmp_path / "sweep.png"
-    argv = bench_argv(url, tmp_path, "--sweep", "50,100", "--goodput", "ttft:60000", "--plot", str(plot))
+    argv = bench_argv(url, tmp_path, "--sweep", "100000,20", "--burstiness", "100", "--goodput", "ttft:60000",
+                      "--plot", str(plot))
     assert main(argv) == 0
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["capacity"] == 100.0
-    assert [run["request_rate"] for run in result["runs"]] == [50.0, 100.0]
+    runs = result["runs"]
+    assert [run["request_rate"] for run in runs] == [20.0, 100000.0]
+    assert runs[0]["slo_attainment"] == 1.0 and runs[1]["slo_attainment"] < 0.9
+    assert result["capacity"] == 20.0
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_requests_longer_than_the_servers_context_are_refused_before_sending(server, tmp_path, capsys):
+    url, app, _ = server
+    argv = bench_argv(url, tmp_path, "--random-input-len", str(CONTEXT))
+    assert main(argv) == 2
+    assert f"12 of 12 requests need more than the server's context of {CONTEXT}" in capsys.readouterr().err
+    assert app.state.max_in_flight == 0 and not (tmp_path / "r.json").exists()
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     unreachable = "http://127.0.0.1:9"
-    assert main(bench_argv(unreachable, tmp_path, "--goodput", "speed:3")) == 2
     assert main(bench_argv(unreachable, tmp_path, "--sweep", "1,2")) == 2  # a sweep needs SLOs
-    assert main(bench_argv(unreachable, tmp_path)) == 1
-    err = capsys.readouterr().out
+    assert main(bench_argv(unreachable, tmp_path)) == 1  # more bad input: test_cli_errors.py
+    err = capsys.readouterr().err
     assert "error" in err and "Traceback" not in err
 
 

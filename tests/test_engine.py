@@ -15,7 +15,8 @@ import torch
 
 import engine.sampling as sampling
 from engine.llm import LLM, AsyncLLM, EngineError, load_profile
-from engine.model_runner import DecodeBatch, ModelRunner, PrefillBatch
+from engine.model_runner import ModelRunner
+from engine.step_inputs import DecodeInput, PrefillInput
 from nexus_tune.controller import ControllerKnobs
 from nexus_tune.device import DeviceInfo
 from nexus_tune.profile import synthetic_profile
@@ -51,10 +52,10 @@ def prompts() -> list[list[int]]:
 def sequential(runner: ModelRunner, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy tokens of one request alone: a whole-prompt prefill, then one decode step per token."""
     table = list(range(-(-(len(prompt) + max_tokens) // runner.block_size)))
-    out = [int(runner.prefill(PrefillBatch([prompt], [0], [table]))[0].argmax())]
+    out = [int(runner.prefill(PrefillInput([prompt], [0], [table]))[0].argmax())]
     while len(out) < max_tokens:
         position = len(prompt) + len(out) - 1
-        out.append(int(runner.decode(DecodeBatch([out[-1]], [position], [table]))[0].argmax()))
+        out.append(int(runner.decode(DecodeInput([out[-1]], [position], [table]))[0].argmax()))
     return out
 
 
@@ -138,7 +139,9 @@ def test_two_loop_policy_counts_split_switches_and_logs_steps(profile, prompts):
     assert sum(r.prefill_tokens for r in records) == sum(PROMPT_LENS)
     # Each time queued prompts appear and drain, the controller leaves and re-enters the all-decode split.
     assert llm.stats()["split_switches"] >= 1
-    assert llm.core.ctx.latency_model.corrections_["decode"]  # online correction was fed
+    assert llm.core.ctx.latency_model.recent_decode_ms_ is not None  # the controller's step times were fed
+    fed = [r for r in records if r.predicted_ms is not None]
+    assert fed and all(r.cycle_ms > 0 for r in fed)  # kernel time and the loop's cycle, every two-loop step
 
 
 # -- text, stop strings, streaming -------------------------------------------------------------
@@ -209,11 +212,11 @@ async def _drain(stream) -> list:
 def test_failing_request_fails_alone(policy, profile, prompts, expected, monkeypatch):
     real = sampling.sample
 
-    def flaky(logits, params, steps):
+    def flaky(logits, params, steps, *history):
         # The marked request raises from its third token on, in whatever batch it rides.
         if any(p.seed == 13 and s >= 2 for p, s in zip(params, steps)):
             raise RuntimeError("injected sampler failure")
-        return real(logits, params, steps)
+        return real(logits, params, steps, *history)
 
     monkeypatch.setattr(sampling, "sample", flaky)
     llm = make_llm(policy, profile, **SMALL_BUDGETS)
@@ -275,3 +278,27 @@ def test_unknown_policy_and_split_are_clear_errors():
         LLM("tiny", policy="fastest", device="cpu")
     with pytest.raises(EngineError, match="static needs a prefill SM count"):
         LLM("tiny", policy="static:", device="cpu")
+
+
+# -- on a GPU: real green-context splits, graphs per side ---------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="green-context splits and CUDA graphs need an NVIDIA GPU")
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policies_on_real_splits_match_sequential_greedy_on_a_gpu(policy, profile, prompts):
+    """The loops on the GPU (two streams on disjoint SMs for the two-loop policies, graphs per side
+    with GEMMs sized for it, tokens handed to the next step on the device) give the greedy tokens of
+    one request at a time run eagerly; float32, so no bf16 near-tie can flip a token."""
+    runner = ModelRunner("tiny", device="cuda", dtype=torch.float32, num_kv_blocks=64)
+    want = [sequential(runner, p, n) for p, n in zip(prompts, MAX_TOKENS)]
+    del runner
+    extra = {"profile": profile} if policy == "nexus" else {}
+    with LLM("tiny", policy=policy, device="cuda", dtype=torch.float32, step_log=True, **extra,
+             **SMALL_BUDGETS) as llm:
+        outs = llm.generate(prompts, [greedy(n) for n in MAX_TOKENS])
+        assert [o.token_ids for o in outs] == want
+        steps = llm.core.step_records()
+        if llm.core.scheduler.two_loops:
+            assert llm.core.table.backend == "green-contexts"
+            assert any(s.kind == "decode" and s.sms < llm.core.placement.total_sms for s in steps)
+        assert llm.core.graph_report, "graphs were captured"
+        assert_all_blocks_free(llm)

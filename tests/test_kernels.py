@@ -18,8 +18,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine.kernels import (PrefillConfig, apply_rope, decode_attention, num_kv_splits,  # noqa: E402
-                            prefill_attention, rms_norm, store_kv)
+from engine.kernels import (PrefillConfig, apply_rope, decode_attention, default_config,  # noqa: E402
+                            max_tiles, num_kv_splits, prefill_attention, rms_norm, store_kv, tile_map)
 from engine.kernels.decode_attention import MAX_SPLITS  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -145,39 +145,98 @@ def test_decode_attention_replays_in_cuda_graph():
 
 # -- prefill --------------------------------------------------------------------------------
 
+def chunk_inputs(gen: torch.Generator, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                 prefixes: list[int], q_lens: list[int], q_heads: int, block_m: int):
+    """A prefill step over sequences whose prefix AND chunk sit in the caches (the reference reads them
+    there): the chunk's K/V as views of one fused tensor (as the projection makes them), and copies of
+    the caches with the chunk's slots poisoned with NaN, since the kernel must read a chunk's own K/V
+    from k/v, not the cache. Returns q, k, v, the poisoned caches, cu_seqlens, the tile map."""
+    block_size, kv_heads, head_dim = k_cache.shape[1:]
+    fused = torch.empty(sum(q_lens), 3, kv_heads, head_dim, dtype=k_cache.dtype, device=DEVICE)
+    k, v = fused[:, 1], fused[:, 2]
+    k_poisoned, v_poisoned = k_cache.clone(), v_cache.clone()
+    t = 0
+    for b, (p, n) in enumerate(zip(prefixes, q_lens)):
+        pos = torch.arange(p, p + n)
+        pages = tables[b].cpu().long()[pos // block_size].to(DEVICE)
+        k[t:t + n], v[t:t + n] = k_cache[pages, pos % block_size], v_cache[pages, pos % block_size]
+        k_poisoned[pages, pos % block_size] = v_poisoned[pages, pos % block_size] = float("nan")
+        t += n
+    q = _randn(gen, sum(q_lens), q_heads, head_dim, dtype=k_cache.dtype)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(device=DEVICE, dtype=torch.int32)
+    tiles = torch.from_numpy(tile_map(q_lens, prefixes, block_m, capacity=max_tiles(sum(q_lens), len(q_lens),
+                                                                                    block_m))).to(DEVICE)
+    return q, k, v, k_poisoned, v_poisoned, cu, tiles
+
+
+def check_prefill(out, q, cu, k_cache, v_cache, tables, prefixes, q_lens, scale, dtype) -> None:
+    for b, (p, n) in enumerate(zip(prefixes, q_lens)):
+        ref = ref_attention(q[cu[b]:cu[b + 1]], k_cache, v_cache, tables[b], p + n, scale)
+        assert_close(out[cu[b]:cu[b + 1]], ref, dtype)
+
+
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,block_size,prefixes,q_lens,config", [
     (4, 2, 32, 16, [0, 37, 13, 5], [20, 1, 70, 16], None),                  # default tiles, several query tiles
     (4, 2, 32, 16, [0, 37, 13, 5], [20, 1, 70, 16], PrefillConfig(16, 16, 4, 2)),  # many full tiles
     (2, 1, 16, 4, [100], [1], None),                                         # one token over a long prefix
     (6, 2, 64, 16, [0], [33], PrefillConfig(32, 64, 4, 2)),                  # no prefix, head_dim 64
+    (4, 2, 32, 16, [64, 0], [64, 96], PrefillConfig(32, 16, 4, 2)),         # tiles aligned with the prefix
 ])
 def test_prefill_attention(q_heads, kv_heads, head_dim, block_size, prefixes, q_lens, config, dtype):
     gen = _gen(3)
-    seq_lens = [p + n for p, n in zip(prefixes, q_lens)]
-    k_cache, v_cache, tables, lens = make_paged_kv(gen, seq_lens, kv_heads, head_dim, block_size,
-                                                   40, dtype)
-    q = _randn(gen, sum(q_lens), q_heads, head_dim, dtype=dtype)
-    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(device=DEVICE, dtype=torch.int32)
+    cfg = config or default_config(head_dim, dtype)
+    k_cache, v_cache, tables, lens = make_paged_kv(gen, [p + n for p, n in zip(prefixes, q_lens)], kv_heads,
+                                                   head_dim, block_size, 40, dtype)
+    q, k, v, k_pois, v_pois, cu, tiles = chunk_inputs(gen, k_cache, v_cache, tables, prefixes, q_lens, q_heads,
+                                                      cfg.block_m)
     scale = head_dim ** -0.5
     _poison_allocator(q.numel())
-    out = prefill_attention(q, k_cache, v_cache, cu, lens, tables, scale, max(q_lens), config=config)
+    out = prefill_attention(q, k, v, k_pois, v_pois, cu, lens, tables, tiles, scale, config=config)
     assert out.shape == q.shape and out.dtype == dtype
-    for b, n in enumerate(seq_lens):
-        ref = ref_attention(q[cu[b]:cu[b + 1]], k_cache, v_cache, tables[b], n, scale)
-        assert_close(out[cu[b]:cu[b + 1]], ref, dtype)
+    check_prefill(out, q, cu, k_cache, v_cache, tables, prefixes, q_lens, scale, dtype)
+
+
+def test_tile_map_covers_every_query_once_heaviest_first():
+    tiles = tile_map([130, 1, 64], [0, 500, 10], 64, capacity=8)
+    real = tiles[tiles[:, 0] >= 0]
+    assert sorted(map(tuple, real.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0)]
+    assert (tiles[len(real):] == -1).all()
+    assert tuple(real[0]) == (1, 0)  # 500 cached tokens: the most KV to read
+    with pytest.raises(ValueError, match="do not fit"):
+        tile_map([130], [0], 64, capacity=2)
 
 
 @pytest.mark.skipif(not CUDA, reason="the Llama-3.1-8B shape is too big for the interpreter")
 def test_prefill_attention_llama_shape():
     gen = _gen(4)
+    prefixes, q_lens = [0, 500], [300, 200]
     k_cache, v_cache, tables, lens = make_paged_kv(gen, [300, 700], 8, 128, 16, 48, torch.bfloat16)
-    q = _randn(gen, 500, 32, 128, dtype=torch.bfloat16)  # 300 new tokens (no prefix), 200 over 500
-    cu = torch.tensor([0, 300, 500], dtype=torch.int32, device=DEVICE)
-    out = prefill_attention(q, k_cache, v_cache, cu, lens, tables, 128 ** -0.5, 300)
-    for b, n in enumerate([300, 700]):
-        ref = ref_attention(q[cu[b]:cu[b + 1]], k_cache, v_cache, tables[b], n, 128 ** -0.5)
-        assert_close(out[cu[b]:cu[b + 1]], ref, torch.bfloat16)
+    q, k, v, k_pois, v_pois, cu, tiles = chunk_inputs(gen, k_cache, v_cache, tables, prefixes, q_lens, 32,
+                                                      default_config(128, torch.bfloat16).block_m)
+    out = prefill_attention(q, k, v, k_pois, v_pois, cu, lens, tables, tiles, 128 ** -0.5)
+    check_prefill(out, q, cu, k_cache, v_cache, tables, prefixes, q_lens, 128 ** -0.5, torch.bfloat16)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_prefill_attention_replays_in_cuda_graph_with_another_batch():
+    """Captured for one step, replayed after the same tensors were rewritten for another step over
+    the same sequences (other prefix/chunk cuts, the same token count): the grid comes from shapes."""
+    gen = _gen(7)
+    block_m = default_config(64, torch.bfloat16).block_m
+    k_cache, v_cache, tables, lens = make_paged_kv(gen, [50, 70], 2, 64, 16, 8, torch.bfloat16)
+    a = chunk_inputs(gen, k_cache, v_cache, tables, [0, 40], [50, 30], 8, block_m)
+    b = chunk_inputs(gen, k_cache, v_cache, tables, [20, 20], [30, 50], 8, block_m)
+    q, k, v, k_pois, v_pois, cu, tiles = a
+    prefill_attention(q, k, v, k_pois, v_pois, cu, lens, tables, tiles, 0.125)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = prefill_attention(q, k, v, k_pois, v_pois, cu, lens, tables, tiles, 0.125)
+    for dst, src in zip(a, b):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_prefill(out, b[0], b[5], k_cache, v_cache, tables, [20, 20], [30, 50], 0.125, torch.bfloat16)
 
 
 def test_attention_rejects_bad_shapes():
@@ -187,9 +246,13 @@ def test_attention_rejects_bad_shapes():
         decode_attention(_randn(gen, 1, 3, 32), k_cache, v_cache, tables, lens, 1.0)
     with pytest.raises(ValueError, match="power of two"):
         decode_attention(_randn(gen, 1, 4, 24), k_cache[..., :24], v_cache[..., :24], tables, lens, 1.0)
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE)
+    kv = _randn(gen, 8, 2, 32)
+    tiles = torch.from_numpy(tile_map([4, 4], [0, 0], 32)).to(DEVICE)
     with pytest.raises(ValueError, match="do not match"):
-        cu = torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE)
-        prefill_attention(_randn(gen, 8, 4, 32), k_cache, v_cache, cu, lens, tables, 1.0, 4)
+        prefill_attention(_randn(gen, 8, 4, 32), kv, kv, k_cache, v_cache, cu, lens, tables, tiles, 1.0)
+    with pytest.raises(ValueError, match="equal strides"):
+        prefill_attention(_randn(gen, 4, 4, 32), kv[:4], kv[:3], k_cache, v_cache, cu[:2], lens, tables, tiles, 1.0)
 
 
 # -- KV write -------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from engine.config import PRESETS, ConfigError, ModelConfig, get_preset
 from engine.loader import CheckpointError, load_model
-from engine.model_runner import ModelRunner, PrefillBatch
+from engine.model_runner import ModelRunner
+from engine.step_inputs import PrefillInput
 from engine.tokenizer import ByteTokenizer, HFTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -60,7 +61,7 @@ def test_checkpoint_round_trip(tmp_path, preset, save_kwargs):
     ids = runner.tokenizer.encode("hello world, the fox")
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0, -1]
-    got = runner.prefill(PrefillBatch([ids], [0], [[0, 1]]))[0]
+    got = runner.prefill(PrefillInput([ids], [0], [[0, 1]]))[0]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

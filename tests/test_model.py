@@ -13,7 +13,8 @@ from engine.attention import AttentionMetadata, decode_attention, prefill_attent
 from engine.config import PRESETS, ModelConfig, get_preset
 from engine.loader import load_weights
 from engine.model import Transformer
-from engine.model_runner import DecodeBatch, ModelRunner, PrefillBatch
+from engine.model_runner import ModelRunner
+from engine.step_inputs import DecodeInput, PrefillInput
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,9 +51,9 @@ def test_logits_match_transformers(preset):
         expected = hf(torch.tensor([ids])).logits[0]
     table = [3, 7, 1]  # out of order on purpose: pages, not contiguous memory
     prompt = 21
-    got = [runner.prefill(PrefillBatch([ids[:prompt]], [0], [table]))[0]]
+    got = [runner.prefill(PrefillInput([ids[:prompt]], [0], [table]))[0]]
     for pos in range(prompt, len(ids)):
-        got.append(runner.decode(DecodeBatch([ids[pos]], [pos], [table]))[0])
+        got.append(runner.decode(DecodeInput([ids[pos]], [pos], [table]))[0])
     torch.testing.assert_close(torch.stack(got), expected[prompt - 1:], **TOL)
 
 
@@ -96,14 +97,15 @@ def test_paged_attention_equals_contiguous():
     q = torch.randn(sum(q_lens), hq, d, generator=gen)
     cu = torch.tensor([0, 12, 17, 18], dtype=torch.int32)
     meta = AttentionMetadata(True, torch.empty(0, dtype=torch.long), tables, torch.tensor(seq_lens, dtype=torch.int32),
-                             cu, max(q_lens), max(seq_lens))
-    out = prefill_attention(q, k_cache, v_cache, meta, d ** -0.5, "torch")
+                             cu, max(seq_lens))
+    unused = torch.full((sum(q_lens), hkv, d), float("nan"))  # the reference reads the new tokens from the cache
+    out = prefill_attention(q, unused, unused, k_cache, v_cache, meta, d ** -0.5, "torch")
     for i, (n, m) in enumerate(zip(seq_lens, q_lens)):
         ref = _contiguous_attention(q[cu[i]:cu[i + 1]], k[i, :n], v[i, :n], n - m)
         torch.testing.assert_close(out[cu[i]:cu[i + 1]], ref, **TOL)
 
     qd = torch.randn(3, hq, d, generator=gen)
-    meta = AttentionMetadata(False, torch.empty(0, dtype=torch.long), tables, meta.seq_lens, None, 1, max(seq_lens))
+    meta = AttentionMetadata(False, torch.empty(0, dtype=torch.long), tables, meta.seq_lens, None, max(seq_lens))
     out = decode_attention(qd, k_cache, v_cache, meta, d ** -0.5, "torch")
     for i, n in enumerate(seq_lens):
         torch.testing.assert_close(out[i], _contiguous_attention(qd[i:i + 1], k[i, :n], v[i, :n], n - 1)[0], **TOL)
@@ -112,14 +114,14 @@ def test_paged_attention_equals_contiguous():
 def test_chunked_prefill_equals_one_shot():
     runner = ModelRunner("tiny-qwen2", device="cpu", num_kv_blocks=64)
     ids = torch.randint(0, 384, (45,), generator=torch.Generator().manual_seed(2)).tolist()
-    one_shot = runner.prefill(PrefillBatch([ids], [0], [[0, 1, 2]]))
+    one_shot = runner.prefill(PrefillInput([ids], [0], [[0, 1, 2]]))
     table = [10, 4, 8]
     for start, end in [(0, 7), (7, 23), (23, 45)]:
-        chunked = runner.prefill(PrefillBatch([ids[start:end]], [start], [table]))
+        chunked = runner.prefill(PrefillInput([ids[start:end]], [start], [table]))
     torch.testing.assert_close(chunked, one_shot, **TOL)
     nxt = int(one_shot.argmax())
-    a = runner.decode(DecodeBatch([nxt], [45], [[0, 1, 2]]))
-    b = runner.decode(DecodeBatch([nxt], [45], [table]))
+    a = runner.decode(DecodeInput([nxt], [45], [[0, 1, 2]]))
+    b = runner.decode(DecodeInput([nxt], [45], [table]))
     torch.testing.assert_close(a, b, **TOL)
 
 
@@ -130,14 +132,14 @@ def test_batched_steps_equal_single_sequences():
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (9, 30, 17)]
     tables = [[0, 1], [2, 3], [4, 5]]
     # Sequence 1 first gets a 20-token prefix on its own, so the batch mixes prefix lengths.
-    runner.prefill(PrefillBatch([prompts[1][:20]], [0], [tables[1]]))
-    batch = runner.prefill(PrefillBatch([prompts[0], prompts[1][20:], prompts[2]], [0, 20, 0], tables))
-    alone = [runner.prefill(PrefillBatch([p], [0], [[10 + 2 * i, 11 + 2 * i]])) for i, p in enumerate(prompts)]
+    runner.prefill(PrefillInput([prompts[1][:20]], [0], [tables[1]]))
+    batch = runner.prefill(PrefillInput([prompts[0], prompts[1][20:], prompts[2]], [0, 20, 0], tables))
+    alone = [runner.prefill(PrefillInput([p], [0], [[10 + 2 * i, 11 + 2 * i]])) for i, p in enumerate(prompts)]
     torch.testing.assert_close(batch, torch.cat(alone), **TOL)
     tokens = batch.argmax(-1).tolist()
-    dec = runner.decode(DecodeBatch(tokens, [len(p) for p in prompts], tables))
+    dec = runner.decode(DecodeInput(tokens, [len(p) for p in prompts], tables))
     for i, p in enumerate(prompts):
-        single = runner.decode(DecodeBatch([tokens[i]], [len(p)], [[10 + 2 * i, 11 + 2 * i]]))
+        single = runner.decode(DecodeInput([tokens[i]], [len(p)], [[10 + 2 * i, 11 + 2 * i]]))
         torch.testing.assert_close(dec[i:i + 1], single, **TOL)
 
 
@@ -147,7 +149,7 @@ def test_random_init_stays_finite_and_spread_through_many_layers():
         dict(PRESETS["tiny"], num_hidden_layers=48, hidden_size=256, intermediate_size=768,
              num_attention_heads=8, num_key_value_heads=2, head_dim=32), name="deep")
     runner = ModelRunner(config, device="cpu", num_kv_blocks=16)
-    logits = runner.prefill(PrefillBatch([list(range(100))], [0], [list(range(7))]))[0]
+    logits = runner.prefill(PrefillInput([list(range(100))], [0], [list(range(7))]))[0]
     assert torch.isfinite(logits).all()
     probs = logits.softmax(-1)
     assert 0.3 < logits.std() < 10
@@ -171,7 +173,7 @@ def test_triton_backend_matches_reference_in_interpreter():
     ref = ModelRunner("tiny-qwen2", device="cpu", num_kv_blocks=16, backend="torch")
     tri = ModelRunner("tiny-qwen2", device="cpu", num_kv_blocks=16, backend="triton")
     ids = list(range(40, 63))
-    batch = PrefillBatch([ids[:15], ids], [0, 0], [[0], [1, 2]])
+    batch = PrefillInput([ids[:15], ids], [0, 0], [[0], [1, 2]])
     torch.testing.assert_close(tri.prefill(batch), ref.prefill(batch), **TOL)
-    step = DecodeBatch([5, 6], [15, 23], [[0], [1, 2]])
+    step = DecodeInput([5, 6], [15, 23], [[0], [1, 2]])
     torch.testing.assert_close(tri.decode(step), ref.decode(step), **TOL)

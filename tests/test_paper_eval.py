@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from benchmarks import paper_eval, paper_report, sim_fidelity
-from benchmarks.paper_eval import PolicyResult, Sweep, step_roofline_ms
+from benchmarks.model_roofline import step_roofline_ms
+from benchmarks.paper_eval import PolicyResult, Sweep
 from nexus_tune.replay import _Progress
 from engine.loader import resolve_config
 from engine.loops import StepRecord
@@ -182,12 +183,23 @@ def test_saved_steps_calibrate_the_profile_and_the_simulator_replays_the_runs(ev
     assert overhead.terms and set(overhead.terms) <= {"decode/decode", "prefill/prefill", "mixed/decode",
                                                       "mixed/mixed", "mixed/prefill"}
     assert all(e["steps"] >= 5 for e in overhead.fit_error.values())
-    out = tmp_path / "fidelity.json"
-    assert sim_fidelity.main([str(eval_out), "--profile", str(profile), "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())
-    assert {(r["policy"], r["rate"]) for r in rows} == {("nexus", 40.0), ("nexus", 80.0), ("chunked", 40.0),
-                                                       ("chunked", 80.0)}
-    assert all(r[m]["simulated"] > 0 and r[m]["ratio"] > 0 for r in rows for m in sim_fidelity.METRICS)
+    rows, bare = ({(r["policy"], r["rate"]): r for r in fidelity(eval_out, profile, tmp_path, *extra)}
+                  for extra in ((), ("--no-overhead",)))
+    assert set(rows) == {("nexus", 40.0), ("nexus", 80.0), ("chunked", 40.0), ("chunked", 80.0)}
+    measured = {(f["policy"], run["rate"]): run["summary"] for f in load(eval_out).values() for run in f["runs"]}
+    for key, row in rows.items():
+        for m in sim_fidelity.METRICS:  # each replay is set against the run it replays
+            assert row[m]["measured"] == measured[key][m] > 0
+            assert row[m]["ratio"] == pytest.approx(row[m]["simulated"] / row[m]["measured"])
+        # the fitted step overhead is part of the replay: without it the simulator predicts otherwise
+        assert any(row[m]["simulated"] != bare[key][m]["simulated"] for m in sim_fidelity.METRICS), key
+
+
+def fidelity(eval_out: Path, profile: Path, tmp_path: Path, *extra: str) -> list[dict]:
+    """sim_fidelity's rows for the runs in eval_out."""
+    out = tmp_path / f"fidelity{''.join(extra)}.json"
+    assert sim_fidelity.main([str(eval_out), "--profile", str(profile), "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
 
 
 def test_calibration_without_saved_steps_is_a_clear_error(tiny_profile, tmp_path, capsys):

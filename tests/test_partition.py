@@ -1,5 +1,9 @@
-"""SplitTable on a CPU: split arithmetic against fake SM resources, a fake driver, the fallback."""
-from types import SimpleNamespace
+"""SplitTable on a CPU: split arithmetic against fake SM resources, a fake driver, the real
+CudaDriver over fake bindings, the fallback; on a GPU, the SM ids each side really runs on."""
+import enum
+import itertools
+import sys
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ from hypothesis import strategies as st
 
 from nexus_tune import partition
 from nexus_tune.partition import (
-    GREEN_CONTEXTS, TIME_SHARING, GreenContextError, Granularity, Side, SplitTable, TimeSharingWarning,
+    GREEN_CONTEXTS, TIME_SHARING, CudaDriver, GreenContextError, Granularity, Side, SplitTable, TimeSharingWarning,
     granularity_of, group_size, split_sizes,
 )
 
@@ -67,7 +71,7 @@ def test_h100_132_sms_granularity_8():
     assert g == Granularity(132, 8, 8, from_device=True)
     assert split_sizes(g) == list(range(8, 121, 8))  # 128 would leave decode 4 SMs
     assert [g.total_sms - p for p in split_sizes(g)][-1] == 12
-    # GPU-FACTS: asking for 1..8 SMs gives 8, 10..16 gives 16, 20..24 gives 24
+    # docs/gpu-facts.md: asking for 1..8 SMs gives 8, 10..16 gives 16
     assert {group_size(n, g) for n in range(1, 9)} == {8}
     assert {group_size(n, g) for n in range(10, 17)} == {16}
     assert {group_size(n, g) for n in range(20, 25)} == {24}
@@ -121,18 +125,104 @@ def test_splits_are_exactly_what_requests_can_yield(g):
     assert set(split_sizes(g)) == {p for p in reachable if g.total_sms - p >= g.min_partition}
 
 
+class FakeBindings(ModuleType):
+    """cuda.bindings.driver as far as CudaDriver calls it, over a device whose SMs have ids 0..total-1.
+    Like the driver, a split's group takes the lowest ids of the resource split, rounded up to the
+    granularity, and the remaining resource holds the others. A green context remembers the ids of
+    the resource its descriptor was made from, and a stream those of its context: `streams` says
+    which SMs each live stream runs on."""
+
+    class CUresult(enum.IntEnum):
+        CUDA_SUCCESS = 0
+
+    CUdevResourceType = SimpleNamespace(CU_DEV_RESOURCE_TYPE_SM="sm")
+    CUgreenCtxCreate_flags = SimpleNamespace(CU_GREEN_CTX_DEFAULT_STREAM=1)
+    CUstream_flags = SimpleNamespace(CU_STREAM_NON_BLOCKING=1)
+    OK = CUresult.CUDA_SUCCESS
+
+    def __init__(self, total: int, align: int):
+        super().__init__("cuda.bindings.driver")
+        self.granularity = Granularity(total, align, align)
+        self._handles = itertools.count(1)
+        self.contexts: dict[int, frozenset[int]] = {}
+        self.streams: dict[int, frozenset[int]] = {}
+
+    def _resource(self, ids) -> SimpleNamespace:
+        """An SM resource holding `ids`, with the device's granularity fields."""
+        g = self.granularity
+        return SimpleNamespace(sm=fake_resource(len(ids), g.min_partition, g.alignment).sm, ids=frozenset(ids))
+
+    def cuInit(self, flags):
+        return (self.OK,)
+
+    def cuDeviceGet(self, index):
+        return self.OK, index
+
+    def cuDeviceGetDevResource(self, device, kind):
+        return self.OK, self._resource(range(self.granularity.total_sms))
+
+    def cuDevSmResourceSplitByCount(self, groups, resource, flags, min_count):
+        ids, size = sorted(resource.ids), group_size(min_count, self.granularity)
+        return self.OK, [self._resource(ids[:size])], 1, self._resource(ids[size:])
+
+    def cuDevResourceGenerateDesc(self, resources, count):
+        return self.OK, frozenset().union(*(r.ids for r in resources))
+
+    def cuGreenCtxCreate(self, desc, device, flags):
+        handle = next(self._handles)
+        self.contexts[handle] = desc
+        return self.OK, handle
+
+    def cuGreenCtxStreamCreate(self, ctx, flags, priority):
+        handle = next(self._handles)
+        self.streams[handle] = self.contexts[ctx]
+        return self.OK, handle
+
+    def cuStreamSynchronize(self, stream):
+        return (self.OK,)
+
+    def cuStreamDestroy(self, stream):
+        del self.streams[stream]
+        return (self.OK,)
+
+    def cuGreenCtxDestroy(self, ctx):
+        del self.contexts[ctx]
+        return (self.OK,)
+
+
+def cuda_driver_over(bindings: FakeBindings, mp: pytest.MonkeyPatch) -> CudaDriver:
+    """The real CudaDriver, its bindings replaced by `bindings` and torch's CUDA calls by stand-ins
+    (a side's stream is then its driver stream handle)."""
+    package = ModuleType("cuda.bindings")
+    package.driver = bindings
+    root = ModuleType("cuda")
+    root.bindings = package
+    for name, module in (("cuda", root), ("cuda.bindings", package), ("cuda.bindings.driver", bindings)):
+        mp.setitem(sys.modules, name, module)
+    mp.setattr(torch.cuda, "ExternalStream", lambda handle, device: handle)
+    with pytest.MonkeyPatch.context() as gpu:  # only while it starts: SplitTable itself stays on the CPU
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(torch.cuda, "set_device", lambda device: None)
+        gpu.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        return CudaDriver(0)
+
+
 @given(st.integers(16, 200), st.sampled_from([1, 2, 4, 8]))
 def test_table_splits_disjoint_and_cover_the_device(total, align):
-    driver = FakeDriver(fake_resource(total, align, align))
-    with SplitTable(driver=driver) as table:
-        assert table.backend == GREEN_CONTEXTS
-        assert table.split_sms == split_sizes(driver.granularity())
-        for split in table:
-            assert split.disjoint
-            assert not split.prefill_stream & split.decode_stream
-            assert split.prefill_stream | split.decode_stream == frozenset(range(total))
-            assert (split.prefill_sms, split.decode_sms) == (len(split.prefill_stream), len(split.decode_stream))
-            assert split.prefill_sms % align == 0 and min(split.prefill_sms, split.decode_sms) >= align
+    """CudaDriver's own code builds each side from what the driver split off: the group for prefill,
+    the remaining SMs for decode. So the two streams of every split run on disjoint SMs that cover
+    the device, each side's count is its resource's, and close() destroys every stream and context."""
+    bindings = FakeBindings(total, align)
+    with pytest.MonkeyPatch.context() as mp:
+        with SplitTable(driver=cuda_driver_over(bindings, mp)) as table:
+            assert table.backend == GREEN_CONTEXTS
+            assert table.split_sms == split_sizes(bindings.granularity)
+            for split in table:
+                prefill, decode = bindings.streams[split.prefill_stream], bindings.streams[split.decode_stream]
+                assert split.disjoint and not prefill & decode
+                assert prefill | decode == frozenset(range(total))
+                assert (split.prefill_sms, split.decode_sms) == (len(prefill), len(decode))
+        assert not bindings.streams and not bindings.contexts
 
 
 # -- the table with a fake driver ----------------------------------------------------------------
@@ -240,12 +330,18 @@ def test_quiet_fallback(recwarn):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_real_gpu_table():
-    with SplitTable() as table:
-        assert len(table) >= 1
-        if table.backend == GREEN_CONTEXTS:
-            g = table.granularity
-            assert table.split_sms[0] >= g.min_partition
-            for split in table:
-                assert split.prefill_sms + split.decode_sms <= table.total_sms
-                assert isinstance(split.prefill_stream, torch.cuda.Stream)
+def test_real_gpu_sides_run_on_disjoint_sms():
+    """Green contexts for real (backend green-contexts raises instead of falling back to time-sharing),
+    and on every split the SM ids that programs launched on each side read (%smid) are disjoint and
+    no more than the side's count, and each side spreads over most of its SMs (else a disjoint pair
+    of small id sets would prove nothing)."""
+    from benchmarks.partition_check import sm_ids  # Triton: imported only on a GPU
+
+    with SplitTable(backend=GREEN_CONTEXTS) as table:
+        assert table.split_sms == split_sizes(table.granularity)
+        programs = 256 * table.total_sms
+        for split in table:
+            prefill, decode = (sm_ids(s, programs, table.device) for s in (split.prefill_stream, split.decode_stream))
+            assert not prefill & decode, (split.prefill_sms, sorted(prefill & decode))
+            assert split.prefill_sms // 2 < len(prefill) <= split.prefill_sms, (split.prefill_sms, len(prefill))
+            assert split.decode_sms // 2 < len(decode) <= split.decode_sms, (split.decode_sms, len(decode))

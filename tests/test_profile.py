@@ -69,7 +69,7 @@ def test_synthetic_profile_reproduces_gpu_facts(synthetic):
     for sms, want in [(16, 28.8), (32, 15.9), (64, 12.5), (132, 12.0)]:
         assert m.predict_decode(64, 131072, sms) == pytest.approx(want, rel=0.08)
     slowdown = m.predict_decode(64, 131072, 68, 2048, 0) / m.predict_decode(64, 131072, 68)
-    assert 1.15 < slowdown < 1.5  # GPU-FACTS: about +30% beside a prefill
+    assert 1.15 < slowdown < 1.5  # docs/gpu-facts.md: about +30% beside a prefill
 
 
 def test_synthetic_profile_scales_and_fits_other_gpus():

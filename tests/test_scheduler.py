@@ -56,10 +56,10 @@ def check_prefill(sched: Scheduler, batch: PrefillBatch, budget: int) -> None:
 
 def check_decode(sched: Scheduler, batch: DecodeBatch) -> None:
     assert 0 < len(batch.seqs) <= sched.max_num_seqs
-    assert batch.kv_tokens == sum(s.num_tokens for s in batch.seqs)
-    for seq in batch.seqs:
+    assert batch.kv_lens == [s.num_tokens + s.num_pending - 1 for s in batch.seqs]  # the step's own token counted
+    for seq, kv in zip(batch.seqs, batch.kv_lens):
         assert seq.status is SequenceStatus.DECODING and seq.in_flight
-        assert len(seq.block_table) * BS >= seq.num_tokens
+        assert len(seq.block_table) * BS >= kv
 
 
 def finish_prefill(sched: Scheduler, batch: PrefillBatch, now: float, fence=None) -> None:
@@ -78,10 +78,12 @@ def finish_decode(sched: Scheduler, batch: DecodeBatch, now: float, fence=None) 
 def drive(sched: Scheduler, seqs: list[Sequence], aborts: dict[int, list[str]] | None = None,
           max_ticks: int = 100_000) -> None:
     """Run every request to the end as the engine's loops would: in the two-loop policies a prefill
-    step lasts 3 ticks and a decode step 1, side by side; checks the KV invariants every tick.
+    step lasts 3 ticks and a decode step 1, side by side, the next decode step scheduled while the
+    previous one runs (lookahead); checks the KV invariants every tick.
     `aborts` maps a tick to the requests the client drops then (before that tick's steps end)."""
     pending = sorted(seqs, key=lambda s: s.arrival_time)
-    prefill = decode = step = None
+    prefill = step = None
+    decode: list[tuple[DecodeBatch, int]] = []  # in flight, oldest first
     for t in range(max_ticks):
         while pending and pending[0].arrival_time <= t:
             sched.add(pending.pop(0))
@@ -90,9 +92,8 @@ def drive(sched: Scheduler, seqs: list[Sequence], aborts: dict[int, list[str]] |
         if prefill and prefill[1] <= t:
             finish_prefill(sched, prefill[0], t)
             prefill = None
-        if decode and decode[1] <= t:
-            finish_decode(sched, decode[0], t)
-            decode = None
+        while decode and decode[0][1] <= t:
+            finish_decode(sched, decode.pop(0)[0], t)
         if step is not None:
             for part in (step.decode, step.prefill) if isinstance(step, MixedBatch) else (step,):
                 if isinstance(part, PrefillBatch):
@@ -101,18 +102,18 @@ def drive(sched: Scheduler, seqs: list[Sequence], aborts: dict[int, list[str]] |
                     finish_decode(sched, part, t)
             step = None
         check_kv(sched, seqs)  # an aborted sequence holds its blocks until its batch ends
-        if not pending and not sched.num_unfinished and prefill is None and decode is None:
+        if not pending and not sched.num_unfinished and prefill is None and not decode:
             return  # (a batch in flight may still hold an aborted request's blocks)
         if sched.two_loops:
             if prefill is None and (b := sched.schedule_prefill(t)) is not None:
                 check_prefill(sched, b, sched.knobs.prefill_chunk_tokens)
                 assert b.sms in SPLITS or b.sms == TOTAL
                 prefill = (b, t + 3)
-            if decode is None and (b := sched.schedule_decode(t)) is not None:
+            if len(decode) < 2 and (b := sched.schedule_decode(t)) is not None:
                 check_decode(sched, b)
                 assert b.sms in [TOTAL - s for s in SPLITS] or b.sms == TOTAL
                 assert b.sms + (prefill[0].sms if prefill else 0) <= TOTAL  # disjoint SM sets
-                decode = (b, t + 1)
+                decode.append((b, (decode[-1][1] if decode else t) + 1))  # runs after the one in flight
         elif sched.policy == "chunked":
             step = sched.schedule_mixed(t)
             if step is not None:
@@ -248,6 +249,65 @@ def test_an_abort_in_flight_frees_when_the_batch_finishes():
     assert seq.block_table, "the kernel in flight still writes these blocks"
     sched.finish_prefill(batch, 1.0, [7])
     assert seq.block_table == [] and seq.output_token_ids == [] and sched.bm.num_free == sched.bm.num_blocks
+
+
+def _decoding(sched: Scheduler, *seqs: Sequence) -> None:
+    for seq in seqs:
+        sched.add(seq)
+    finish_prefill(sched, sched.schedule_prefill(0.0), 0.1)
+    assert all(s.status is SequenceStatus.DECODING for s in seqs)
+
+
+@pytest.mark.parametrize("policy", ["static:64", "prefill-first", "chunked"])
+def test_lookahead_decode_rides_the_pending_token_and_frees_after_the_last_batch(policy):
+    """Step n+1 is scheduled while step n runs: its rows carry step n's tokens as pending (KV one
+    longer); a sequence that stops in step n rides in n+1 and frees its blocks once n+1 finished;
+    one whose pending token is its last (max_tokens) is left out."""
+    sched = make_scheduler(policy)
+    stops, last, goes_on = make_seq(0, 8, 50), make_seq(1, 8, 2), make_seq(2, 8, 50)
+    for seq in (stops, last, goes_on):
+        sched.add(seq)
+    schedule = {"static:64": sched.schedule_prefill, "prefill-first": sched.schedule_step,
+                "chunked": lambda t: sched.schedule_mixed(t).prefill}[policy]
+    finish_prefill(sched, schedule(0.0), 0.1)
+    decode = sched.schedule_decode if policy == "static:64" else \
+        sched.schedule_step if policy == "prefill-first" else (lambda t: sched.schedule_mixed(t).decode)
+    n = decode(1.0)
+    assert [s.seq_id for s in n.seqs] == ["r0", "r1", "r2"] and n.pending == [False] * 3
+    n1 = decode(1.1)  # step n still running
+    assert [s.seq_id for s in n1.seqs] == ["r0", "r2"]  # r1's pending token is its second and last
+    assert n1.pending == [True, True] and n1.kv_lens == [10, 10]
+    assert stops.num_pending == 2 and stops.in_flight == 2
+    with pytest.raises(RuntimeError):
+        decode(1.2)  # at most one batch ahead
+    sched.finish_decode(n, 1.3, [5, 6, 7], finished=["r0", "r1"])
+    assert stops.status is SequenceStatus.FINISHED and stops.block_table, "step n+1 still reads its KV"
+    assert last.block_table == [] and goes_on.token_ids[-1] == 7
+    sched.finish_decode(n1, 1.4, [9, 8])
+    assert stops.block_table == [] and stops.output_token_ids[1:] == [5]  # its n+1 token was dropped
+    assert goes_on.output_token_ids[1:] == [7, 8] and goes_on.num_pending == 0 and not goes_on.in_flight
+    check_kv(sched, [stops, last, goes_on])
+
+
+def test_lookahead_abort_frees_after_every_batch_holding_it():
+    sched = make_scheduler("static:64")
+    seq = make_seq(0, 8, 50)
+    _decoding(sched, seq)
+    n, n1 = sched.schedule_decode(1.0), sched.schedule_decode(1.1)
+    assert sched.abort(seq.seq_id)
+    sched.finish_decode(n, 1.2, [1])
+    assert seq.block_table, "step n+1 still reads its KV"
+    sched.finish_decode(n1, 1.3, [2])
+    assert seq.block_table == [] and sched.bm.num_free == sched.bm.num_blocks
+
+
+def test_single_loop_policies_look_ahead_only_past_decode_rows():
+    sched = make_scheduler("chunked")
+    sched.add(make_seq(0, 8, 50))
+    step = sched.schedule_mixed(0.0)
+    assert step.prefill is not None
+    with pytest.raises(RuntimeError, match="schedule_mixed"):
+        sched.schedule_mixed(0.1)  # prompt chunks in flight: finish them first
 
 
 class Flag:

@@ -1,48 +1,37 @@
 """The OpenAI-compatible server (engine/server.py).
 
 Two layers: the request logic over a small fake engine that follows AsyncLLM's contract
-(served in-process by uvicorn in a thread; it can hold, fail and count blocks on demand), then
-the real thing: `python -m nexus_tune serve --model tiny --device cpu` in a subprocess.
+(tests/server_helpers.py, served in-process by uvicorn in a thread; it can hold, fail and count
+blocks on demand), then the real thing: `python -m nexus_tune serve --model tiny --device cpu`
+in a subprocess.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import jinja2
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
-from engine.llm import TokenOutput
+from engine.sampling import TokenLogprobs
 from engine.server import build_app
 from nexus_tune.sequence import SamplingParams
+from server_helpers import FakeEngine, ThreadServer, sse_events, wait_for
 
 MODEL = "fake-model"
 TIMEOUT = httpx.Timeout(10.0)
 
 
 # -- helpers shared by both layers ---------------------------------------------------------
-def sse_events(resp: httpx.Response) -> list[dict | str]:
-    """The `data:` payloads of an SSE response: parsed JSON, or the literal "[DONE]"."""
-    events = []
-    for line in resp.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
-
 def metrics(base_url: str) -> dict[str, float]:
     """Every sample of /metrics by name (labels folded into the name), parsed by prometheus_client."""
     text = httpx.get(f"{base_url}/metrics", timeout=TIMEOUT).text
@@ -52,116 +41,6 @@ def metrics(base_url: str) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
-
-
-def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-# -- the fake engine -----------------------------------------------------------------------
-class FakeTokenizer:
-    """Bytes + 3 as ids (0..2 reserved, 2 = EOS); a chat template that shows the roles."""
-
-    eos_token_id = 2
-    vocab_size = 259
-
-    def encode(self, text: str) -> list[int]:
-        return [b + 3 for b in text.encode()]
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str | list[int]:
-        if any(m["content"] == "refuse" for m in messages):
-            raise jinja2.TemplateError("this template refuses")  # a template's raise_exception()
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>" * add_generation_prompt
-        return self.encode(text) if tokenize else text
-
-
-class FakeEngine:
-    """AsyncLLM's contract, in the server's event loop. Echoes the prompt back, one byte a token.
-
-    Prompts steer it: "hold..." waits after the first token and "queue..." before it until
-    `gate` is set; "fail..." ends in an error output; "raise..." raises inside generate.
-    Each running request holds one KV block per 4 tokens.
-    """
-
-    max_model_len = 64
-    num_blocks = 100
-
-    def __init__(self) -> None:
-        self.failed: str | None = None  # set to make the engine report a dead loop
-        self.tokenizer = FakeTokenizer()
-        self.gate = threading.Event()
-        self.blocks: dict[str, int] = {}
-        self.aborted: list[str] = []
-        self.calls: list[tuple[list[int], object]] = []
-        self.started = self.stopped = False
-
-    def start(self) -> None:
-        self.started = True
-
-    def shutdown(self) -> None:
-        self.stopped = True
-
-    def stats(self) -> dict:
-        used = sum(self.blocks.values())
-        return {"running": len(self.blocks), "waiting": 0, "kv_usage": used / self.num_blocks,
-                "free_blocks": self.num_blocks - used, "prefill_sms": None, "split_switches": 3,
-                "failed": self.failed}
-
-    def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-        self.blocks.pop(request_id, None)
-
-    async def _wait_gate(self) -> None:
-        while not self.gate.is_set():
-            await asyncio.sleep(0.005)
-
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params):
-        self.calls.append((list(prompt_token_ids), params))
-        prompt = self.tokenizer.decode(prompt_token_ids)
-        if prompt.startswith("raise"):
-            raise RuntimeError("boom")
-        if prompt.startswith("queue"):
-            await self._wait_gate()
-        self.blocks[request_id] = (len(prompt_token_ids) + 3) // 4
-        try:
-            for i in range(params.max_tokens):
-                await asyncio.sleep(0)
-                if prompt.startswith("fail") and i == 2:
-                    yield TokenOutput(request_id, None, "", True, "error", error="the fake failed")
-                    return
-                if prompt.startswith("hold") and i == 1:
-                    await self._wait_gate()
-                token = prompt_token_ids[i % len(prompt_token_ids)]
-                last = i == params.max_tokens - 1
-                yield TokenOutput(request_id, token, self.tokenizer.decode([token]), last, "length" if last else None)
-        finally:
-            self.blocks.pop(request_id, None)
-
-
-class ThreadServer:
-    """A uvicorn server in a daemon thread on a free port (port 0: the OS picks)."""
-
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        wait_for(lambda: self.server.started, what="the uvicorn thread to start")
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -314,8 +193,9 @@ BAD_REQUESTS = [
     ('{"model": "fake-model", "prompt": ', None, "not valid JSON"),
     ("[1, 2]", None, "JSON object"),
     ({"model": "gpt-4", "prompt": "x"}, "model", "does not exist"),
-    ({"model": MODEL, "prompt": "x", "logprobs": 2, "echo": True}, "logprobs", "logprobs, echo"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, "n", "n=1"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 2, "echo": True}, "echo", "echo with logprobs"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, "n", "greater than"),
+    ({"model": MODEL, "prompt": "x", "n": 129}, "n", "less than"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens", "greater than"),
     ({"model": MODEL, "prompt": "x", "max_tokens": -5}, "max_tokens", "greater than"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 10**9}, "max_tokens", "maximum context length"),
@@ -381,6 +261,16 @@ def test_stream_disconnect_aborts_and_frees_blocks(url, engine):
     assert metrics(url)["nexus_server_pending_requests"] == 0
 
 
+def test_disconnect_aborts_every_choice(url, engine):
+    req = {"model": MODEL, "prompt": "hold both", "max_tokens": 20, "n": 2, "stream": True}
+    with httpx.Client(timeout=TIMEOUT) as client, client.stream("POST", f"{url}/v1/completions", json=req) as r:
+        lines = r.iter_lines()
+        next(lines)
+        wait_for(lambda: len(engine.blocks) == 2, what="both choices running")
+    wait_for(lambda: len(engine.aborted) == 2 and not engine.blocks, what="both aborted")
+    assert metrics(url)["nexus_server_pending_requests"] == 0
+
+
 def test_leaving_the_queue_frees_the_slot(url, engine):
     req = {"model": MODEL, "prompt": "queue me", "max_tokens": 5, "stream": True}
     with httpx.Client(timeout=TIMEOUT) as client, client.stream("POST", f"{url}/v1/completions", json=req):
@@ -428,6 +318,195 @@ def test_metrics_parse_with_latency_histograms_and_engine_gauges(url):
     for name in ("nexus_num_requests_running", "nexus_num_requests_waiting", "nexus_kv_cache_usage_perc"):
         assert name in m
     assert "nexus_prefill_sms" not in m  # the engine reports none: no made-up value
+
+
+def test_n_choices_each_with_its_own_seed_and_index(url, engine):
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "abc", "max_tokens": 2, "n": 2, "seed": 10})
+    assert r.status_code == 200
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(c["text"] == "ab" for c in body["choices"])
+    assert body["usage"]["completion_tokens"] == 4 and body["usage"]["prompt_tokens"] == 3
+    assert [params.seed for _, params in engine.calls[-2:]] == [10, 11]
+    # More choices than the queue takes at once (max_queue=2 here) could never be admitted.
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "abc", "max_tokens": 2, "n": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+    req = {"model": MODEL, "messages": [{"role": "user", "content": "q"}], "max_tokens": 3, "n": 2, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=req, timeout=TIMEOUT) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    by_choice: dict[int, list[dict]] = {0: [], 1: []}
+    for e in events[:-1]:
+        (choice,) = e["choices"]
+        by_choice[choice["index"]].append(choice)
+    for chunks in by_choice.values():
+        assert chunks[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in chunks) == "<us"
+        assert [c["finish_reason"] for c in chunks[1:]] == [None, None, "length"]
+
+
+def test_echo_prepends_the_prompt(url):
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hey", "max_tokens": 2, "echo": True})
+    assert r.json()["choices"][0]["text"] == "heyhe"
+    ids = [ord(c) + 3 for c in "hey"]  # the fake's token ids
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 2, "echo": True})
+    assert r.json()["choices"][0]["text"] == "heyhe"
+    req = {"model": MODEL, "prompt": "hey", "max_tokens": 2, "echo": True, "stream": True, "n": 2}
+    with httpx.stream("POST", f"{url}/v1/completions", json=req, timeout=TIMEOUT) as r:
+        events = sse_events(r)[:-1]
+    for index in (0, 1):
+        texts = [e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == index]
+        assert texts == ["hey", "h", "e"]
+
+
+def test_completion_logprobs_in_openai_form(url):
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "abc", "max_tokens": 3, "logprobs": 2})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["a", "b", "c"] and lp["token_logprobs"] == [-0.25] * 3
+    assert lp["text_offset"] == [0, 1, 2]
+    # The two most likely, plus the sampled token (here the most likely, so two entries).
+    assert lp["top_logprobs"][0] == {"a": -0.25, "b": -0.5}
+    req = {"model": MODEL, "prompt": "abc", "max_tokens": 3, "logprobs": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=req, timeout=TIMEOUT) as r:
+        chunks = [e["choices"][0]["logprobs"] for e in sse_events(r)[:-1]]
+    assert [c["text_offset"] for c in chunks] == [[0], [1], [2]]  # offsets run on across chunks
+    assert [c["top_logprobs"] for c in chunks] == [[{"a": -0.25}], [{"b": -0.25}], [{"c": -0.25}]]
+
+
+def test_a_logprob_of_minus_infinity_is_still_json():
+    class Certain(FakeEngine):
+        async def generate(self, request_id, prompt_token_ids, params):
+            async for out in super().generate(request_id, prompt_token_ids, params):
+                out.logprobs = TokenLogprobs(0.0, [(out.token_id, 0.0), (5, float("-inf"))])
+                yield out
+
+    with TestClient(build_app(Certain(), MODEL)) as client:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1, "logprobs": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["top_logprobs"][0]["\x02"] == -9999.0
+
+
+def test_chat_logprobs_in_openai_form(url):
+    req = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+           "logprobs": True, "top_logprobs": 2}
+    content = post(url, "/v1/chat/completions", req).json()["choices"][0]["logprobs"]["content"]
+    assert content[0] == {"token": "<", "logprob": -0.25, "bytes": [60],
+                          "top_logprobs": [{"token": "<", "logprob": -0.25, "bytes": [60]},
+                                           {"token": "=", "logprob": -0.5, "bytes": [61]}]}
+    assert post(url, "/v1/chat/completions", {**req, "logprobs": False, "top_logprobs": None}
+                ).json()["choices"][0]["logprobs"] is None
+
+
+def test_compatibility_parameters(url, engine):
+    messages = [{"role": "developer", "content": "d"}, {"role": "user", "content": "u", "name": "ann"}]
+    req = {"model": MODEL, "messages": messages, "max_tokens": 1, "user": "someone",
+           "response_format": {"type": "text"}, "presence_penalty": 0.5, "frequency_penalty": -0.5,
+           "repetition_penalty": 1.2}
+    assert post(url, "/v1/chat/completions", req).status_code == 200
+    prompt, params = engine.calls[-1]
+    assert engine.tokenizer.decode(prompt) == "<system>d\n<user=ann>u\n<assistant>"
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -0.5, 1.2)
+    ok = {"model": MODEL, "prompt": "x", "max_tokens": 1, "suffix": "", "best_of": 1, "user": "u"}
+    assert post(url, "/v1/completions", ok).status_code == 200
+    nulls = {"model": MODEL, "prompt": "x", "max_tokens": 1, "n": None, "stream": None, "stop": None, "echo": None,
+             "logprobs": None, "stream_options": None, "seed": None}  # null reads as "not given"
+    assert post(url, "/v1/completions", nulls).status_code == 200
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "x", "suffix": "tail"}, "suffix"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "top_k": 2**63}, "top_k"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 99}, "top_logprobs"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_what_the_engine_cannot_do_is_a_400_naming_it(url, path, body, param, stream):
+    r = post(url, path, {"model": MODEL, **body, "stream": stream})  # streaming too: refused before the 200
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_model_by_id(url):
+    card = httpx.get(f"{url}/v1/models/{MODEL}", timeout=TIMEOUT)
+    assert card.status_code == 200 and card.json()["id"] == MODEL
+    missing = httpx.get(f"{url}/v1/models/org/other-model", timeout=TIMEOUT)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found" and "org/other-model" in missing.json()["error"]["message"]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("method,path,content,headers,status,words", [
+    ("POST", "/v1/completions", b'{"model": "fake-model", "prompt": "\xff\xfe"}', {}, 400, "UTF-8"),
+    ("POST", "/v1/completions", b"\xff\xfe{}", {}, 400, "UTF-8"),
+    ("POST", "/v1/completions", DEEP.encode(), {}, 400, "nests too deeply"),
+    ("POST", "/v1/completions", ('{"model": "fake-model", "prompt": ' + DEEP + "}").encode(), {}, 400, "deeply"),
+    ("POST", "/v1/completions", b'{"model": "fake-model", "prompt": "a\\ud800b"}', {}, 400, "surrogate"),
+    ("POST", "/v1/completions", b'{"model": "\\udfff"}', {}, 400, "surrogate"),
+    ("POST", "/v1/completions", b'{"model": "fake-model", "prompt": "x", "top_k": 1' + b"0" * 5000 + b"}",
+     {}, 400, "not valid JSON"),
+    ("POST", "/v1/completions", b"model=fake-model", {"Content-Type": "application/x-www-form-urlencoded"},
+     415, "Content-Type"),
+    ("POST", "/v1/completions", b"", {}, 400, "not valid JSON"),
+    ("POST", "/v1/completions", b"null", {}, 400, "JSON object"),
+    ("GET", "/v1/completions", None, {}, 405, "Method Not Allowed"),
+    ("POST", "/v1/nothing-here", b"{}", {}, 404, "Not Found"),
+    ("GET", "/", None, {}, 404, "Not Found"),
+])
+def test_every_error_has_the_openai_shape(url, method, path, content, headers, status, words):
+    r = httpx.request(method, f"{url}{path}", content=content, headers=headers, timeout=TIMEOUT)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words is None or words in error["message"]
+
+
+def kv_limited_client(max_request_tokens: int) -> tuple[FakeEngine, TestClient]:
+    engine = FakeEngine(max_request_tokens=max_request_tokens)
+    return engine, TestClient(build_app(engine, MODEL))
+
+
+def test_max_tokens_defaults_to_what_the_kv_cache_holds():
+    engine, client = kv_limited_client(20)  # the context is 64, the KV cache holds 20 tokens of a request
+    with client:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "abcd"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+        for body, param in [({"prompt": "x" * 20}, "prompt"), ({"prompt": "abcd", "max_tokens": 17}, "max_tokens")]:
+            r = client.post("/v1/completions", json={"model": MODEL, **body})
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == param and error["code"] == "context_length_exceeded"
+            assert "KV cache holds at most 20 tokens" in error["message"] and "64" in error["message"]
+        r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                      "max_completion_tokens": 50})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    assert not engine.refused  # the server refused first, with the numbers
+
+
+class RefusingEngine(FakeEngine):
+    def _check(self, ids: list[int], params) -> None:
+        raise ValueError("the engine refuses this request")
+
+
+def test_an_engine_refusal_is_a_400_not_a_500():
+    with TestClient(build_app(RefusingEngine(), MODEL)) as client:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "abcd", "max_tokens": 3})
+        assert r.status_code == 400 and "engine refuses" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "abcd", "max_tokens": 3, "stream": True})
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "invalid_value" and r.text.endswith("data: [DONE]\n\n")
 
 
 # -- the real engine: `nexus-tune serve --model tiny --device cpu` in a subprocess -----------
@@ -581,3 +660,20 @@ def test_tiny_overload_answers_503_and_accepted_requests_complete(tiny):
         else:
             assert "Retry-After" in a.headers and a.json()["error"]["type"] == "server_overloaded"
     assert post(tiny, "/v1/completions", {**body, "max_tokens": 2}).status_code == 200
+
+
+def test_tiny_kv_cache_smaller_than_the_context(one_intra_op_thread):
+    """The issue's 500: no max_tokens and a KV cache of fewer tokens than the context."""
+    from engine.llm import AsyncLLM
+
+    engine = AsyncLLM("tiny", policy="chunked", device="cpu", num_kv_blocks=8)  # 8 x 16 tokens (+1: the last)
+    assert engine.max_request_tokens == 129 < engine.max_model_len == TINY_CONTEXT
+    with TestClient(build_app(engine, "tiny")) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 129 - 6  # BOS + 5 bytes
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 124})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
+        assert "KV cache holds at most 129 tokens" in error["message"] and "130" in error["message"]
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "y" * 200, "stream": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

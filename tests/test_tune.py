@@ -1,3 +1,6 @@
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from nexus_tune.cli import main
@@ -62,21 +65,29 @@ def test_simulated_capacity_brackets_the_slo(profile):
     assert all(s["slo_attainment"] < 0.9 for r, s in summaries.items() if r > cap * 1.05)
 
 
-def test_tuning_beats_default_knobs(profile):
-    """On the synthetic profile the paper's beta=1.1 starves prefill; beta=2 is known to carry far more."""
-    start, ceiling = rate_range(profile, "mixed", NUM_PROMPTS, 0)
-
-    def capacity(knobs):
-        probe = CapacityProbe(profile, "mixed", NUM_PROMPTS, 0, SLOS, "nexus", knobs)
-        return search_capacity(probe, start, max_evals=12, max_rate=ceiling)[0]
-
-    known_better = capacity(ControllerKnobs(beta=2.0))
-    out = tune(profile, "mixed", SLOS, trials=5, seed=0, num_prompts=NUM_PROMPTS, workers=2)
-    assert out["baseline_knobs"].beta == 1.1 and out["trials"] == 5
-    assert out["baseline_capacity"] == pytest.approx(capacity(ControllerKnobs()))
-    assert known_better > 1.2 * out["baseline_capacity"]
+def test_tuning_improves_on_bad_knobs_in_the_profile(profile):
+    """Knobs that starve prefill on this profile (the paper's beta=1.1 against the whole GPU's
+    largest side): tune starts from them and finds far better ones."""
+    bad, n = ControllerKnobs(mode="paper", beta=1.1), 60
+    start, ceiling = rate_range(profile, "mixed", n, 0)
+    out = tune(replace(profile, tuned_knobs=bad.to_dict()), "mixed", SLOS, trials=4, seed=0, num_prompts=n, workers=2)
+    assert out["baseline_knobs"] == bad.with_slos(SLOS) and out["trials"] == 4
+    baseline = search_capacity(CapacityProbe(profile, "mixed", n, 0, SLOS, "nexus", bad), start, max_evals=12,
+                               max_rate=ceiling)[0]
+    assert out["baseline_capacity"] == pytest.approx(baseline)
     assert out["best_capacity"] > 1.2 * out["baseline_capacity"]
-    assert out["best_capacity"] >= 0.9 * known_better
+
+
+@pytest.mark.parametrize("gpu", [dict(total_sms=132, granularity=8),
+                                 dict(total_sms=108, granularity=4, scale=1.6, kv_capacity_tokens=250_000)],
+                         ids=["H100-like", "slower, 108 SMs"])
+def test_untuned_nexus_carries_within_10pct_of_tuned(gpu):
+    """Without tuned knobs nexus runs with knobs derived from the profile and the SLOs; a tune run
+    (started from them) must not find much more. benchmarks/capacity.py measures it at full size."""
+    gpu_profile = synthetic_profile(**gpu)
+    out = tune(gpu_profile, "mixed", SLOS, trials=5, seed=0, num_prompts=80, workers=2)
+    assert out["baseline_knobs"] == ControllerKnobs.for_profile(gpu_profile, SLOS)
+    assert out["baseline_capacity"] >= 0.9 * out["best_capacity"] > 0
 
 
 def test_tune_cli_writes_knobs_into_profile(profile, tmp_path, capsys):
@@ -95,7 +106,18 @@ def test_tune_cli_writes_knobs_into_profile(profile, tmp_path, capsys):
 
 
 def test_tune_cli_bad_input(tmp_path, capsys):
-    assert main(["tune", "--profile", str(tmp_path / "missing.json")]) == 2
-    assert main(["tune", "--profile", str(tmp_path / "missing.json"), "--slo", "speed=3"]) == 2
-    out = capsys.readouterr().out
-    assert "nexus-tune profile --model" in out and "Traceback" not in out
+    assert main(["tune", "--profile", str(tmp_path / "missing.json")]) == 2  # more bad input: test_cli_errors.py
+    err = capsys.readouterr().err
+    assert "nexus-tune profile --model" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, workload, slos", [("llama-3.1-8b", "mixed", SLOS),
+                                                  ("qwen2.5-3b", "longdata", {"ttft": 3000.0, "tpot": 30.0})])
+def test_untuned_nexus_on_the_shipped_h100_profiles_carries_within_10pct_of_their_tuned_knobs(name, workload, slos):
+    profile = Profile.load(Path(__file__).resolve().parents[1] / "profiles" / "h100-80gb-hbm3" / f"{name}.json")
+    untuned = ControllerKnobs.for_profile(replace(profile, tuned_knobs=None), slos)
+    start, ceiling = rate_range(profile, workload, 150, 0)
+    untuned_cap, tuned_cap = (search_capacity(CapacityProbe(profile, workload, 150, 0, slos, "nexus", knobs), start,
+                                              max_evals=8, max_rate=ceiling)[0]
+                              for knobs in (untuned, ControllerKnobs.for_profile(profile, slos)))
+    assert untuned_cap >= 0.9 * tuned_cap > 0

@@ -12,7 +12,7 @@ the device from the lengths: every split holds about the same number of KV token
 total over the programs that fill the GPU), so a long document among short chat turns is cut
 into many splits instead of holding the whole step up (on the H100 a 48-sequence batch with one
 16k-token sequence took 1.8x a uniform batch of the same KV when each sequence had 2 splits:
-benchmarks/decode_gap.py). Splits past a sequence's last one do nothing and are not merged.
+benchmarks/decode_gap.py, since replaced by engine_overhead.py). Splits past a sequence's last one do nothing and are not merged.
 """
 from __future__ import annotations
 
@@ -89,12 +89,12 @@ def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_p
     m_i = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
     table_row = block_tables + b * stride_tb
     head_off = kv_head * stride_kh
-    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, offs_h, k_cache, v_cache, table_row, head_off,
+    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, offs_h, k_cache, v_cache, table_row, 0, head_off,
                                  lo, full_hi, stride_kb, stride_ks, qk_scale,
-                                 BLOCK_N, HEAD_DIM, PAGE, FULL, DOT_PRECISION)
-    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, offs_h, k_cache, v_cache, table_row, head_off,
+                                 BLOCK_N, HEAD_DIM, PAGE, FULL, DOT_PRECISION, True)
+    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, offs_h, k_cache, v_cache, table_row, 0, head_off,
                                  full_hi, hi, stride_kb, stride_ks, qk_scale,
-                                 BLOCK_N, HEAD_DIM, PAGE, BOUNDED, DOT_PRECISION)
+                                 BLOCK_N, HEAD_DIM, PAGE, BOUNDED, DOT_PRECISION, True)
     # An empty split has l = 0: its lse is about -1e30, which gives it weight 0 in kernel 2
     # (or, when every split is empty, equal weights on all-zero partials: output 0, not NaN).
     l_safe = tl.maximum(l_i, 1e-30)
@@ -126,13 +126,15 @@ def _reduce_kernel(o_part, lse_part, out_ptr, seq_lens, stride_ob, stride_oh, st
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     *, num_splits: int | None = None) -> torch.Tensor:
+                     *, num_splits: int | None = None, num_sms: int | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV.
 
     q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (KV length including the current token) -> out [B, Hq, D] in q's dtype.
-    `num_splits` overrides the shape-based bound on KV splits (benchmarks, tests).
+    `num_sms`: the SMs the launch runs on (a green-context partition; default the whole device),
+    which sizes the KV splits. `num_splits` overrides the shape-based bound (benchmarks, tests).
     """
+    sms = num_sms or _num_sms(q.device)
     check_attention_inputs(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
@@ -140,7 +142,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} "
                          f"do not match batch {batch}")
     if num_splits is None:
-        num_splits = num_kv_splits(batch, kv_heads, block_tables.shape[1] * page, _num_sms(q.device))
+        num_splits = num_kv_splits(batch, kv_heads, block_tables.shape[1] * page, sms)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     group = q_heads // kv_heads
@@ -150,7 +152,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if batch == 0:
         return out
     # Working programs per KV head: the batch's KV tokens are shared out among this many splits.
-    programs_per_head = max(1, PROGRAMS_PER_SM * _num_sms(q.device) // kv_heads)
+    programs_per_head = max(1, PROGRAMS_PER_SM * sms // kv_heads)
     block_b = triton.next_power_of_2(batch)
     _split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, scale * 1.4426950408889634,

@@ -1,19 +1,26 @@
-"""Chunked-prefill attention over the paged KV cache (varlen, packed queries).
+"""Chunked-prefill attention over a cached prefix and the chunk itself (varlen, packed queries).
 
-Flash-attention style: one program per (query tile, query head, sequence) walks the KV tiles
-with an online softmax. The tiles every query of the tile may see are processed without masks;
-only the tiles on the causal diagonal pay for one. Query tiles run latest-first, so the heaviest
-programs start in the first wave and the cheap ones fill the tail.
+Flash-attention style: one program per (query tile, query head) walks the KV tiles with an online
+softmax. A sequence's KV has two sources: its cached prefix, read from the paged cache through
+its block table, and the chunk's own tokens, read straight from the K/V the projection just made
+(contiguous rows: no page gathers, where the causal diagonal and most of a fresh prompt's work
+is). Only the tiles on the causal diagonal and the prefix's last partial tile pay for a mask.
+
+The grid comes from shapes only, so the launch can be captured in a CUDA graph: a tile map
+(`tile_map`, built on the host with the batch) lists each program's (sequence, query tile),
+heaviest first so the costly programs start in the first wave; rows past the batch's tiles hold
+-1 and their programs return at once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.tiles import CAUSAL, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
+from engine.kernels.tiles import BOUNDED, CAUSAL, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
 
 
 @dataclass(frozen=True)
@@ -25,9 +32,9 @@ class PrefillConfig:
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
-    """Tiles for an H100 (sm_90 wgmma, no register spills up to head_dim 128). 64x64 with 4 warps beat
-    128x64 and 128x128 with 8 warps by 7-12% at 2048 tokens (docs/performance.md). fp32 inputs, used
-    only for exactness checks, go through FMA dots that need far smaller tiles."""
+    """Tiles for Hopper (sm_90 wgmma, no register spills up to head_dim 128); benchmarks/kernels_bench.py
+    sweeps the alternatives (docs/performance.md). fp32 inputs, used only for exactness checks, go
+    through FMA dots that need far smaller tiles."""
     if dtype == torch.float32:
         return PrefillConfig(32, 32, 4, 2)
     if head_dim > 128:
@@ -35,19 +42,40 @@ def default_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
     return PrefillConfig(64, 64, 4, 3)
 
 
+def tile_map(q_lens: np.ndarray, prefix_lens: np.ndarray, block_m: int, capacity: int | None = None) -> np.ndarray:
+    """[capacity, 2] int32 rows (sequence, query tile) covering every sequence's queries, the tiles
+    that read the most KV first; rows past the tiles are -1. `capacity` defaults to the tile count."""
+    q_lens, prefix_lens = np.asarray(q_lens, np.int64), np.asarray(prefix_lens, np.int64)
+    per_seq = -(-q_lens // block_m)
+    seq = np.repeat(np.arange(len(q_lens)), per_seq)
+    tile = np.arange(len(seq)) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+    capacity = len(seq) if capacity is None else capacity
+    if len(seq) > capacity:
+        raise ValueError(f"{len(seq)} query tiles do not fit a tile map of {capacity}")
+    order = np.argsort(-(prefix_lens[seq] + tile * block_m), kind="stable")  # KV each tile reads
+    out = np.full((capacity, 2), -1, dtype=np.int32)
+    out[: len(seq), 0], out[: len(seq), 1] = seq[order], tile[order]
+    return out
+
+
+def max_tiles(tokens: int, seqs: int, block_m: int) -> int:
+    """Tiles a batch of at most `tokens` query tokens over at most `seqs` sequences can need."""
+    return triton.cdiv(tokens, block_m) + seqs
+
+
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache, v_cache, out_ptr, cu_seqlens_q, seq_lens, block_tables, qk_scale,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_tb,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache, v_cache, out_ptr, cu_seqlens_q, seq_lens, block_tables, tiles,
+                    qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+                    stride_cb, stride_cs, stride_ch, stride_tb,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    b = tl.load(tiles + 2 * tl.program_id(0))
+    if b < 0:
+        return
+    start_m = tl.load(tiles + 2 * tl.program_id(0) + 1) * BLOCK_M
     head = tl.program_id(1)
-    b = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q + b)
     q_len = tl.load(cu_seqlens_q + b + 1) - q_start
-    start_m = m_block * BLOCK_M
-    if start_m >= q_len:
-        return
     prefix = tl.load(seq_lens + b) - q_len
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -59,30 +87,43 @@ def _prefill_kernel(q_ptr, k_cache, v_cache, out_ptr, cu_seqlens_q, seq_lens, bl
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+    kv_head = head // GROUP
+    # The cached prefix [0, prefix): every query sees all of it; only its last tile may be partial.
     table_row = block_tables + b * stride_tb
-    head_off = (head // GROUP) * stride_kh
-    # KV tiles that end at or before the tile's first query position are visible to every row.
-    full_hi = (prefix + start_m + 1) // BLOCK_N * BLOCK_N
+    cache_full = prefix // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, q_pos, k_cache, v_cache, table_row, 0, kv_head * stride_ch,
+                                 0, cache_full, stride_cb, stride_cs, qk_scale,
+                                 BLOCK_N, HEAD_DIM, PAGE, FULL, DOT_PRECISION, True)
+    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, q_pos, k_cache, v_cache, table_row, 0, kv_head * stride_ch,
+                                 cache_full, prefix, stride_cb, stride_cs, qk_scale,
+                                 BLOCK_N, HEAD_DIM, PAGE, BOUNDED, DOT_PRECISION, True)
+    # The chunk [prefix, hi), rows q_start.. of k/v: tiles ending at or before the tile's first query
+    # position are seen whole by every row; the rest sit on the causal diagonal.
+    new_full = prefix + (start_m + 1) // BLOCK_N * BLOCK_N
     hi = prefix + tl.minimum(start_m + BLOCK_M, q_len)
-    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, q_pos, k_cache, v_cache, table_row, head_off,
-                                 0, full_hi, stride_kb, stride_ks, qk_scale,
-                                 BLOCK_N, HEAD_DIM, PAGE, FULL, DOT_PRECISION)
-    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, q_pos, k_cache, v_cache, table_row, head_off,
-                                 full_hi, hi, stride_kb, stride_ks, qk_scale,
-                                 BLOCK_N, HEAD_DIM, PAGE, CAUSAL, DOT_PRECISION)
+    row_base = q_start - prefix
+    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, table_row, row_base, kv_head * stride_kh,
+                                 prefix, new_full, 0, stride_kt, qk_scale,
+                                 BLOCK_N, HEAD_DIM, PAGE, FULL, DOT_PRECISION, False)
+    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, table_row, row_base, kv_head * stride_kh,
+                                 new_full, hi, 0, stride_kt, qk_scale,
+                                 BLOCK_N, HEAD_DIM, PAGE, CAUSAL, DOT_PRECISION, False)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                      scale: float, max_q_len: int, *, config: PrefillConfig | None = None) -> torch.Tensor:
-    """Causal attention of packed new tokens over their sequences' paged KV (prefix + themselves).
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                      block_tables: torch.Tensor, tiles: torch.Tensor, scale: float,
+                      *, config: PrefillConfig | None = None) -> torch.Tensor:
+    """Causal attention of packed new tokens over their sequences' cached prefix and themselves.
 
-    q [T, Hq, D]; cu_seqlens_q [B+1] int32; seq_lens [B] int32 (prefix + new tokens); block_tables
-    [B, max_blocks] int32; the new tokens' K/V must already be in the cache. Query i of sequence b
-    sits at position seq_lens[b] - q_len_b + i. `max_q_len` (a host int) sizes the grid.
+    q [T, Hq, D]; k, v [T, Hkv, D] the new tokens' keys and values (views of a fused projection are
+    fine; equal strides); caches [num_blocks, block_size, Hkv, D] holding each prefix; cu_seqlens_q
+    [B+1] int32; seq_lens [B] int32 (prefix + new tokens); block_tables [B, max_blocks] int32; tiles
+    [N, 2] int32 from `tile_map` with the config's block_m. Query i of sequence b sits at position
+    seq_lens[b] - q_len_b + i. Rows of q outside every sequence are left unwritten.
     """
     check_attention_inputs(q, k_cache, v_cache)
     tokens, q_heads, head_dim = q.shape
@@ -91,14 +132,18 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if cu_seqlens_q.shape != (batch + 1,) or block_tables.shape[0] != batch:
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} / block_tables {tuple(block_tables.shape)} "
                          f"do not match {batch} sequences")
+    if k.shape != (tokens, kv_heads, head_dim) or v.shape != k.shape or k.stride() != v.stride() or k.stride(2) != 1:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} must both be [{tokens}, {kv_heads}, {head_dim}] "
+                         "with equal strides and a contiguous head dimension")
+    if tiles.dim() != 2 or tiles.shape[1] != 2 or tiles.dtype != torch.int32:
+        raise ValueError(f"tiles must be [N, 2] int32 (engine.kernels.tile_map), got {tuple(tiles.shape)} {tiles.dtype}")
     cfg = config or default_config(head_dim, q.dtype)
     out = torch.empty(tokens, q_heads, head_dim, dtype=q.dtype, device=q.device)
-    if tokens == 0 or max_q_len <= 0:
+    if tokens == 0 or tiles.shape[0] == 0:
         return out
-    grid = (triton.cdiv(max_q_len, cfg.block_m), q_heads, batch)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+    _prefill_kernel[(tiles.shape[0], q_heads)](
+        q, k, v, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, tiles, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=q_heads // kv_heads, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
         PAGE=page, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -1,9 +1,11 @@
 """The inner loop shared by the decode and prefill attention kernels.
 
 A run of query rows (the query heads of one KV head for decode, a tile of queries for prefill)
-attends to KV positions [lo, hi) of one sequence, read from the paged cache
-`[num_blocks, PAGE, Hkv, D]` through the sequence's block-table row. A KV tile of BLOCK_N
+attends to KV positions [lo, hi) of one sequence. With PAGED they are read from the paged cache
+`[num_blocks, PAGE, Hkv, D]` through the sequence's block-table row: a KV tile of BLOCK_N
 positions may span several pages, so each row of the tile looks up its own page id (a gather).
+Without it they are rows `row_base + position` of a contiguous [T, Hkv, D] tensor (a prefill
+chunk's own K/V, fresh from the projection): plain strided loads.
 Softmax is online in base 2 (`qk_scale` already holds log2(e)), accumulation in fp32.
 """
 from __future__ import annotations
@@ -44,28 +46,31 @@ def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 @triton.jit
-def attend_tiles(acc, l_i, m_i, q, q_pos, k_cache, v_cache, table_row, head_off,
+def attend_tiles(acc, l_i, m_i, q, q_pos, k_base, v_base, table_row, row_base, head_off,
                  lo, hi, stride_kb, stride_ks, qk_scale,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                 MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PAGED: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
         kv_pos = start + offs_n
         valid = kv_pos < hi
-        if MASK == FULL:
-            page = tl.load(table_row + kv_pos // PAGE)
+        if PAGED:
+            if MASK == FULL:
+                page = tl.load(table_row + kv_pos // PAGE)
+            else:
+                # Table entries past the sequence may be garbage: never follow them.
+                page = tl.load(table_row + kv_pos // PAGE, mask=valid, other=0)
+            rows = page.to(tl.int64) * stride_kb + (kv_pos % PAGE) * stride_ks + head_off
         else:
-            # Table entries past the sequence may be garbage: never follow them.
-            page = tl.load(table_row + kv_pos // PAGE, mask=valid, other=0)
-        rows = page.to(tl.int64) * stride_kb + (kv_pos % PAGE) * stride_ks + head_off
+            rows = (row_base + kv_pos).to(tl.int64) * stride_ks + head_off
         ptrs = rows[:, None] + offs_d[None, :]
         if MASK == FULL:
-            k = tl.load(k_cache + ptrs)
-            v = tl.load(v_cache + ptrs)
+            k = tl.load(k_base + ptrs)
+            v = tl.load(v_base + ptrs)
         else:
-            k = tl.load(k_cache + ptrs, mask=valid[:, None], other=0.0)
-            v = tl.load(v_cache + ptrs, mask=valid[:, None], other=0.0)
+            k = tl.load(k_base + ptrs, mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + ptrs, mask=valid[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASK == BOUNDED:
             qk = tl.where(valid[None, :], qk, float("-inf"))
