@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine.kernels import (PrefillConfig, apply_rope, decode_attention, default_config,  # noqa: E402
+from engine.kernels import (DecodeConfig, PrefillConfig, apply_rope, decode_attention, default_config,  # noqa: E402
                             max_tiles, num_kv_splits, prefill_attention, rms_norm, store_kv, tile_map)
 from engine.kernels.decode_attention import MAX_SPLITS  # noqa: E402
 
@@ -94,14 +94,15 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
 # -- decode ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
-@pytest.mark.parametrize("q_heads,kv_heads,head_dim,block_size,seq_lens,num_splits", [
-    (8, 2, 32, 16, [1, 17, 600, 0, 130], None),  # auto splits (3 here), seq_len 0 -> zeros
-    (8, 2, 32, 16, [1, 17, 600, 0, 130], 7),     # more splits than tiles: empty splits
-    (14, 2, 64, 16, [5, 300], 4),                # group of 7 query heads (Qwen2.5-0.5B)
-    (3, 3, 16, 4, [33, 64, 65], 2),              # no GQA, odd head count, 16 pages per tile
-    (8, 2, 32, 16, [620, 3, 0, 20, 64, 1], 16),  # one long sequence: many splits; the rest one each
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,block_size,seq_lens,num_splits,config", [
+    (8, 2, 32, 16, [1, 17, 600, 0, 130], None, None),  # auto splits (3 here), seq_len 0 -> zeros
+    (8, 2, 32, 16, [1, 17, 600, 0, 130], 7, None),     # more splits than tiles: empty splits
+    (14, 2, 64, 16, [5, 300], 4, None),                # group of 7 query heads (Qwen2.5-0.5B)
+    (3, 3, 16, 4, [33, 64, 65], 2, None),              # no GQA, odd head count, 16 pages per tile
+    (8, 2, 32, 16, [620, 3, 0, 20, 64, 1], 16, None),  # one long sequence: many splits; the rest one each
+    (8, 2, 32, 16, [620, 3, 0, 130], None, DecodeConfig(block_n=32, num_stages=3, programs_per_sm=8)),
 ])
-def test_decode_attention(q_heads, kv_heads, head_dim, block_size, seq_lens, num_splits, dtype):
+def test_decode_attention(q_heads, kv_heads, head_dim, block_size, seq_lens, num_splits, config, dtype):
     gen = _gen(1)
     max_blocks = 40 if block_size == 16 else 20
     k_cache, v_cache, tables, lens = make_paged_kv(gen, seq_lens, kv_heads, head_dim, block_size,
@@ -109,7 +110,8 @@ def test_decode_attention(q_heads, kv_heads, head_dim, block_size, seq_lens, num
     q = _randn(gen, len(seq_lens), q_heads, head_dim, dtype=dtype)
     scale = head_dim ** -0.5
     _poison_allocator(len(seq_lens) * q_heads * head_dim)
-    out = decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=num_splits)
+    out = decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=num_splits,
+                           **({"config": config} if config else {}))
     assert out.shape == q.shape and out.dtype == dtype
     for b, n in enumerate(seq_lens):
         assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], n, scale)[0], dtype)

@@ -17,6 +17,7 @@ benchmarks/decode_gap.py, since replaced by engine_overhead.py). Splits past a s
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -24,13 +25,20 @@ import triton.language as tl
 
 from engine.kernels.tiles import BOUNDED, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
 
-BLOCK_N = 64           # KV positions per tile
-NUM_WARPS = 4
-NUM_STAGES = 2
 MAX_SPLITS = 64        # kernel 2 holds every split's partial row in registers
 MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write) dominates
-PROGRAMS_PER_SM = 4    # working programs per SM: enough to hide memory latency and the tail wave
 GRID_PER_SM = 64       # launched programs per SM at most (idle splits still cost a launch slot)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int = 64  # KV positions per tile
+    num_warps: int = 4
+    num_stages: int = 2
+    programs_per_sm: int = 4  # working programs per SM: enough to hide memory latency and the tail wave
+
+
+DEFAULT_DECODE = DecodeConfig()
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,13 +134,15 @@ def _reduce_kernel(o_part, lse_part, out_ptr, seq_lens, stride_ob, stride_oh, st
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     *, num_splits: int | None = None, num_sms: int | None = None) -> torch.Tensor:
+                     *, num_splits: int | None = None, num_sms: int | None = None,
+                     config: DecodeConfig = DEFAULT_DECODE) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV.
 
     q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (KV length including the current token) -> out [B, Hq, D] in q's dtype.
     `num_sms`: the SMs the launch runs on (a green-context partition; default the whole device),
-    which sizes the KV splits. `num_splits` overrides the shape-based bound (benchmarks, tests).
+    which sizes the KV splits. `num_splits` overrides the shape-based bound, `config` the tiles and
+    the programs per SM (benchmarks, tests).
     """
     sms = num_sms or _num_sms(q.device)
     check_attention_inputs(q, k_cache, v_cache)
@@ -152,7 +162,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if batch == 0:
         return out
     # Working programs per KV head: the batch's KV tokens are shared out among this many splits.
-    programs_per_head = max(1, PROGRAMS_PER_SM * sms // kv_heads)
+    programs_per_head = max(1, config.programs_per_sm * sms // kv_heads)
     block_b = triton.next_power_of_2(batch)
     _split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, scale * 1.4426950408889634,
@@ -160,11 +170,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1), num_splits, batch, programs_per_head,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=BLOCK_N, PAGE=page, DOT_PRECISION=dot_precision(q.dtype), BLOCK_B=block_b,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK_N=config.block_n, PAGE=page, DOT_PRECISION=dot_precision(q.dtype), BLOCK_B=block_b,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     _reduce_kernel[(batch, q_heads)](
         o_part, lse_part, out, seq_lens, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits, batch, programs_per_head,
-        HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_B=block_b, BLOCK_N=BLOCK_N,
+        HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_B=block_b, BLOCK_N=config.block_n,
         num_warps=4)
     return out
