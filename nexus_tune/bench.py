@@ -54,7 +54,7 @@ class PromptWriter:
         """
         counts = []
         for words in (16, 80):
-            body = _payload(model, " ".join(WORDS[i % len(WORDS)] for i in range(words)), 1, chat, stream=False)
+            body = request_body(model, " ".join(WORDS[i % len(WORDS)] for i in range(words)), 1, chat, stream=False)
             resp = await client.post(url, json=body)
             if resp.status_code != 200:
                 raise RuntimeError(f"test request to {url} answered HTTP {resp.status_code}: {resp.text[:300]}")
@@ -65,7 +65,7 @@ class PromptWriter:
         return cls(base=counts[0] - 16 * per_word, per_word=per_word)
 
 
-def _payload(model: str, prompt: str, max_tokens: int, chat: bool, stream: bool = True) -> dict:
+def request_body(model: str, prompt: str, max_tokens: int, chat: bool, stream: bool = True) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -149,7 +149,7 @@ async def drive(client: httpx.AsyncClient, url: str, model: str, trace: list[Tra
 
     async def one(req: TraceRequest, prompt: str) -> RequestRecord:
         await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.perf_counter()))
-        body = _payload(model, prompt, req.output_tokens, chat)
+        body = request_body(model, prompt, req.output_tokens, chat)
         if gate is not None:
             await gate.acquire()
         try:  # like vLLM, a request's clock starts when it is sent, after the concurrency gate
@@ -234,7 +234,7 @@ def progress_bar(console: Console) -> Progress:
                     console=console)
 
 
-async def _served_model(client: httpx.AsyncClient, base_url: str, name: str | None) -> tuple[str, int | None]:
+async def served_model(client: httpx.AsyncClient, base_url: str, name: str | None) -> tuple[str, int | None]:
     """The model to request (`name`, else the server's first) and its context length when /v1/models
     reports one (vLLM and nexus-tune do, as `max_model_len`)."""
     resp = await client.get(f"{base_url}/v1/models")
@@ -273,7 +273,7 @@ async def _bench(args, slos: dict[str, float], rates: list[float], console: Cons
     traces = [make_trace(args.dataset, args.num_prompts, rate, args.burstiness, args.seed, args.dataset_path,
                          args.random_input_len, args.random_output_len) for rate in rates]
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, limits=limits) as client:
-        model, max_model_len = await _served_model(client, base_url, args.model)
+        model, max_model_len = await served_model(client, base_url, args.model)
         if max_model_len:
             check_context(traces[0], max_model_len, console)
         writer = await PromptWriter.calibrate(client, url, model, chat)
