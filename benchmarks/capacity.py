@@ -42,12 +42,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from nexus_tune import metrics
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.profile import Profile, synthetic_profile
-from nexus_tune.simulate import simulate
-from nexus_tune.tune import find_capacity, parallel_map, rate_range, tune
-from nexus_tune.workload import TraceRequest, make_trace
+from nexus_tune.core import metrics
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.profile import Profile
+from nexus_tune.core.testing import synthetic_profile
+from nexus_tune.core.simulator import simulate
+from nexus_tune.commands.tune import find_capacity, parallel_map, rate_range, tune
+from nexus_tune.core.workload import TraceRequest, make_trace
 
 console = Console(width=240)  # the table's ten columns on one line
 ARRIVALS = {"poisson": 1.0, "bursty": 0.5}  # gamma shape of the inter-arrival gaps
@@ -132,7 +133,7 @@ def on_engine(profile: Profile, setup: Setup, slos: dict[str, float], method: Me
     """Run `searches` on the GPU, each from its rate in `starts`: one warm engine per policy, every
     rate replayed through it."""
     from engine.loader import resolve_config
-    from nexus_tune.replay import PolicyEngine, capped_trace, make_prompts, probe_prompts
+    from nexus_tune.commands.replay import PolicyEngine, capped_trace, make_prompts, probe_prompts
 
     model = args.model or setup.model
     config = resolve_config(model)

@@ -27,10 +27,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from nexus_tune.controller import Controller, ControllerKnobs, StepState
-from nexus_tune.latency_model import LatencyModel
-from nexus_tune.overhead import StepTimes
-from nexus_tune.profile import Profile, synthetic_profile
+from nexus_tune.core.controller import Controller, ControllerKnobs, StepState
+from nexus_tune.core.latency_model import LatencyModel
+from nexus_tune.core.overhead import StepTimes
+from nexus_tune.core.profile import Profile
+from nexus_tune.core.testing import synthetic_profile
 
 REGIMES = ("online", "warm", "cold")
 

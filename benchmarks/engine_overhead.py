@@ -39,8 +39,8 @@ from benchmarks.model_roofline import ceilings, decode_floor_ms, step_roofline_m
 from engine.llm import LLM
 from engine.loops import StepRecord
 from engine.step_inputs import DecodeInput
-from nexus_tune.device import software_versions
-from nexus_tune.sequence import SamplingParams
+from nexus_tune.core.device import software_versions
+from nexus_tune.core.sequence import SamplingParams
 
 HOST_TARGET_MS = 0.3
 DECODE_FLOOR_TARGET = 1.15

@@ -31,11 +31,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from nexus_tune.replay import (PolicyEngine, capped_trace, dist, find_profile, interference, make_prompts,
-                               probe_prompts, step_counts)
+from nexus_tune.commands.replay import (PolicyEngine, capped_trace, dist, interference, load_or_measure_profile,
+                                        make_prompts, probe_prompts, step_counts)
 from engine.loader import resolve_config
-from nexus_tune.partition import SplitTable
-from nexus_tune.workload import TraceRequest, make_trace
+from nexus_tune.core.engine_config import EngineConfig
+from nexus_tune.core.partition import SplitTable
+from nexus_tune.core.workload import TraceRequest, make_trace
 
 console = Console()
 
@@ -49,8 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--request-rate", type=float, default=1.5, help="requests per second (Poisson)")
     p.add_argument("--max-output", type=int, default=256, help="cap on each request's output tokens")
     p.add_argument("--max-model-len", type=int, default=16384)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
+    p.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="profile JSON for nexus (default: profiles/<gpu>/<model>.json)")
     p.add_argument("--no-profiling", action="store_true", help="skip nexus instead of measuring a quick profile")
@@ -151,7 +152,7 @@ def main() -> int:
         total, split_sms, backend = table.total_sms, table.split_sms, table.backend
     half = min(split_sms, key=lambda s: abs(s - total / 2))
     policies = [p.strip().replace("static:auto", f"static:{half}") for p in args.policies.split(",") if p.strip()]
-    profile = (find_profile(args.model, args.profile, out, not args.no_profiling, console)
+    profile = (load_or_measure_profile(args.model, args.profile, out, not args.no_profiling, console)
                if "nexus" in policies else None)
     if profile is None and "nexus" in policies:
         console.print("[yellow]skipping nexus[/] (it needs a profile)")

@@ -116,7 +116,7 @@ def bench_decode_sides(batch: int, ctx: int, bandwidth: float, gen: torch.Genera
     sides: a side has fewer SMs to keep the same bytes in flight (on the H200's 92-SM side the default
     ran 1.41x its whole-GPU time while an elementwise kernel there reached 95% of the bandwidth)."""
     from engine.kernels import DecodeConfig, decode_attention
-    from nexus_tune.partition import SplitTable
+    from nexus_tune.core.partition import SplitTable
 
     k_cache, v_cache, tables = paged_kv(batch, ctx, gen)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")

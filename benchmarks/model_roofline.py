@@ -48,9 +48,9 @@ from engine.kernels import decode_attention, default_config, max_tiles, prefill_
 from engine.loops import StepRecord
 from engine.model_runner import ModelRunner
 from engine.step_inputs import DecodeInput, PrefillInput
-from nexus_tune.device import software_versions
-from nexus_tune.partition import SplitTable
-from nexus_tune.sequence import SamplingParams
+from nexus_tune.core.device import software_versions
+from nexus_tune.core.partition import SplitTable
+from nexus_tune.core.sequence import SamplingParams
 
 DECODE_TARGET = 1.25  # graph step / HBM floor (the engine's whole step: 1.15x, engine_overhead.py)
 DECODE_PARTITION_TARGET = 1.05  # decode on the 92-SM side / whole GPU

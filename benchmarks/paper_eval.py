@@ -56,23 +56,25 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nexus_tune.replay import (STOP_DEADLINE, STOP_SLO, PolicyEngine, Replay, capped_trace, dist, find_profile,
-                               interference, make_prompts, probe_prompts, release_gpu, step_counts)
+from nexus_tune.commands.replay import (STOP_DEADLINE, STOP_SLO, PolicyEngine, Replay, capped_trace, dist,
+                                        interference, load_or_measure_profile, make_prompts, probe_prompts,
+                                        release_gpu, step_counts)
 from benchmarks.model_roofline import step_roofline_ms
 from engine.config import ModelConfig
 from engine.llm import EngineError
 from engine.loader import resolve_config
+from nexus_tune.core.engine_config import EngineConfig
 from engine.loops import StepRecord
-from nexus_tune import metrics
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.latency_model import LatencyModel
-from nexus_tune.overhead import step_gpu_ms
-from nexus_tune.plan import recommended_knobs, static_policies
-from nexus_tune.profile import Profile, model_slug
-from nexus_tune.scheduler import parse_policy
-from nexus_tune.simulate import simulate
-from nexus_tune.tune import CapacityProbe, parallel_map, rate_range, search_capacity
-from nexus_tune.workload import TraceRequest, make_trace
+from nexus_tune.core import metrics
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.latency_model import LatencyModel
+from nexus_tune.core.overhead import step_gpu_ms
+from nexus_tune.commands.plan import recommended_knobs, static_policies
+from nexus_tune.core.profile import Profile, model_slug
+from nexus_tune.core.scheduler import parse_policy
+from nexus_tune.core.simulator import simulate
+from nexus_tune.commands.tune import CapacityProbe, parallel_map, rate_range, search_capacity
+from nexus_tune.core.workload import TraceRequest, make_trace
 
 console = Console()
 WORKLOADS = ("mixed", "longdata", "arxiv", "sharegpt-synth")
@@ -105,8 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds of arrivals per rate: more requests at high rates")
     p.add_argument("--max-output", type=int, default=256, help="cap on each request's output tokens")
     p.add_argument("--max-model-len", type=int, default=16384)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
+    p.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--refine", type=int, default=1, help="bisections of each auto bracket")
     p.add_argument("--no-early-stop", action="store_true",
@@ -691,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
     # A quick profile is measured only for a real run on a GPU; a dry run without a GPU needs --profile.
-    profile = find_profile(args.model, args.profile, out, cuda and not args.dry_run, console, args.device)
+    profile = load_or_measure_profile(args.model, args.profile, out, cuda and not args.dry_run, console, args.device)
     if profile is None:
         console.print("[red]error:[/] paper_eval needs the profile of this GPU and model (--profile FILE)")
         return 2

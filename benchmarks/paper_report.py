@@ -24,7 +24,7 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks.paper_eval import PolicyResult
-from nexus_tune import metrics
+from nexus_tune.core import metrics
 
 console = Console()
 WORKLOAD_NAMES = {"mixed": "Mixed", "longdata": "Long Data Collections", "arxiv": "ArXiv Summarization",

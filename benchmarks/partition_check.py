@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nexus_tune.device import identify, software_versions
-from nexus_tune.partition import GREEN_CONTEXTS, GreenContextError, SplitTable
+from nexus_tune.core.device import identify, software_versions
+from nexus_tune.core.partition import GREEN_CONTEXTS, GreenContextError, SplitTable
 
 SCALING_TOLERANCE = 0.15
 DISJOINT_LIMIT = 1.2

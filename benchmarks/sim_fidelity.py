@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.paper_eval import eval_trace
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.profile import Profile
-from nexus_tune.simulate import simulate
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.profile import Profile
+from nexus_tune.core.simulator import simulate
 
 TOLERANCE = 0.15
 METRICS = ("median_ttft_ms", "mean_tpot_ms")

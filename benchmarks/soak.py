@@ -22,7 +22,7 @@ A CPU run in seconds (tests/test_soak.py runs one):
     PYTHONPATH=. python3 benchmarks/soak.py --model tiny --device cpu --policy chunked --request-rate 4 \
         --duration 5 --dataset random --random-input-len 32 --random-output-len 8
 
-It starts the real server (`python -m nexus_tune.cli serve ...`) in a subprocess on a free port, waits
+It starts the real server (`python -m nexus_tune serve ...`) in a subprocess on a free port, waits
 for /health, and for --duration seconds sends the --dataset trace at --request-rate, each request of
 one kind (the shares are of the trace's requests):
 - normal: streamed or not, /v1/completions or /v1/chat/completions, the planned lengths (fitted to
@@ -71,8 +71,9 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.server import ABORT_GRACE_S, SHUTDOWN_TIMEOUT_S
-from nexus_tune.bench import HTTP_TIMEOUT, PromptWriter, request_body, served_model, parse_event, progress_bar
-from nexus_tune.workload import DATASETS, TraceRequest, make_trace
+from nexus_tune.commands.bench import HTTP_TIMEOUT, PromptWriter, request_body, served_model, parse_event
+from nexus_tune.commands.reporting import progress_bar
+from nexus_tune.core.workload import DATASETS, TraceRequest, make_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -361,7 +362,7 @@ def free_port() -> int:
 
 
 def serve_command(args: argparse.Namespace, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "nexus_tune.cli", "serve", "--model", args.model, "--policy", args.policy,
+    cmd = [sys.executable, "-m", "nexus_tune", "serve", "--model", args.model, "--policy", args.policy,
            "--device", args.device, "--port", str(port), "--shutdown-timeout", str(args.shutdown_timeout)]
     for flag in SERVE_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))

@@ -36,22 +36,22 @@ from engine.loader import resolve_config
 from engine.loops import LoopContext, Placement, StepLog, StepRecord, make_loops
 from engine.model_runner import ModelRunner, resolve_device
 from engine.sampling import TokenLogprobs, check_stop
-from nexus_tune.block_manager import BlockManager
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.latency_model import LatencyModel
-from nexus_tune.metrics import RequestRecord, parse_slos
-from nexus_tune.overhead import StepTimes
-from nexus_tune.partition import GREEN_CONTEXTS, TIME_SHARING, SplitTable
-from nexus_tune.profile import Profile, ProfileError, profile_path
-from nexus_tune.scheduler import MIXED_TOKEN_BUDGET, Scheduler, parse_policy
-from nexus_tune.sequence import SamplingParams, Sequence
+from nexus_tune.core.block_manager import BlockManager
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.latency_model import LatencyModel
+from nexus_tune.core.metrics import RequestRecord, parse_slos
+from nexus_tune.core.overhead import StepTimes
+from nexus_tune.core.partition import GREEN_CONTEXTS, TIME_SHARING, SplitTable
+from nexus_tune.core.profile import Profile, ProfileError, find_profile
+from nexus_tune.core.engine_config import EngineConfig
+from nexus_tune.core.scheduler import Scheduler, parse_policy
+from nexus_tune.core.sequence import SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 
 # A CPU has no SMs: under time-sharing the two-loop policies reason with the H100's count. The
 # numbers are labels there (every split runs on the same streams), so static:64 reads the same.
 NOMINAL_SMS = 132
-_REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class EngineError(RuntimeError):
@@ -244,14 +244,6 @@ class OutputProcessor:
 
 # -- the engine --------------------------------------------------------------------------------
 
-def _default_profile_path(gpu_slug: str, config_name: str) -> Path:
-    """profiles/<gpu-slug>/<model-slug>.json under the working directory, else under the repository."""
-    path = profile_path(gpu_slug, config_name)
-    if not path.is_file() and (_REPO_ROOT / path).is_file():
-        return _REPO_ROOT / path
-    return path
-
-
 def load_profile(profile: Profile | str | Path | None, model: str, device: torch.device) -> Profile:
     """The profile `nexus` runs on: the given one, or this GPU's and model's default file.
 
@@ -263,16 +255,16 @@ def load_profile(profile: Profile | str | Path | None, model: str, device: torch
     config = resolve_config(model)
     gpu = None
     if device.type == "cuda":
-        from nexus_tune.device import identify
+        from nexus_tune.core.device import identify
 
         gpu = identify(device.index or 0) or None
     if profile is None:
         if gpu is None:
             raise EngineError("policy 'nexus' needs a latency profile of the GPU and model, and without a GPU "
                               "there is none to look up: pass one (--profile FILE, or profile= in Python; CPU "
-                              "tests: nexus_tune.profile.synthetic_profile()), or use policy chunked, "
+                              "tests: nexus_tune.core.testing.synthetic_profile()), or use policy chunked, "
                               "prefill-first or static:N")
-        path = _default_profile_path(gpu.slug, config.name)
+        path = find_profile(gpu.slug, config.name)
         if not path.is_file():
             raise EngineError(f"policy 'nexus' needs a latency profile of this GPU and model, and {path} does not "
                               f"exist; make it with: nexus-tune profile --model {model}  (or pass --profile FILE)")
@@ -307,55 +299,48 @@ def _engine_errors() -> Iterator[None]:
 
 
 class EngineCore:
-    """What `LLM` and `AsyncLLM` share: splits, runner, scheduler, decode graphs, loop threads."""
+    """What `LLM` and `AsyncLLM` share: splits, runner, scheduler, graphs, loop threads."""
 
-    def __init__(self, model: str, policy: str = "nexus", device: str | torch.device = "auto",
-                 profile: Profile | str | Path | None = None, max_num_seqs: int = 256,
-                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-                 num_kv_blocks: int | None = None, seed: int = 0, *, knobs: ControllerKnobs | None = None,
-                 mixed_token_budget: int = MIXED_TOKEN_BUDGET, block_size: int = 16, step_log: bool = False,
-                 online_update: bool | None = None, dtype: torch.dtype | None = None,
-                 slo: str | dict | None = None):
+    def __init__(self, config: EngineConfig):
+        c = self.config = config
         with _engine_errors():
-            name, _ = parse_policy(policy)
+            name, _ = parse_policy(c.policy)
             two_loops = name in ("nexus", "static")
-            self.policy = policy
-            self.device = resolve_device(device)
+            self.policy = c.policy
+            self.device = resolve_device(c.device)
             cuda = self.device.type == "cuda"
-            self.profile = load_profile(profile, model, self.device) if name == "nexus" else None
-            if knobs is None:
-                knobs = ControllerKnobs.for_profile(self.profile) if self.profile else ControllerKnobs()
-            knobs = knobs.with_slos(parse_slos(slo))
+            self.profile = load_profile(c.profile, c.model, self.device) if name == "nexus" else None
+            knobs = c.knobs or (ControllerKnobs.for_profile(self.profile) if self.profile else ControllerKnobs())
+            knobs = knobs.with_slos(parse_slos(c.slo))
+            step_tokens = knobs.prefill_chunk_tokens if two_loops else c.mixed_token_budget
             # Splits first: the KV cache is sized from the memory left after them.
             self.table = SplitTable(self.device.index or 0, backend="auto" if two_loops and cuda else TIME_SHARING,
                                     warn=two_loops and cuda)
             try:
                 self.runner = ModelRunner(
-                    model, device=self.device, dtype=dtype, seed=seed, block_size=block_size,
-                    num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
-                    max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                    max_num_batched_tokens=knobs.prefill_chunk_tokens if two_loops else mixed_token_budget)
+                    c.model, device=self.device, dtype=c.dtype, seed=c.seed, block_size=c.block_size,
+                    num_kv_blocks=c.num_kv_blocks, gpu_memory_utilization=c.gpu_memory_utilization,
+                    max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len, max_num_batched_tokens=step_tokens)
                 total, splits = _sm_layout(self.table, self.profile)
                 # The controller's step times, over a private copy of the latency model: online
                 # corrections must not leak into the caller's.
                 step_times = (StepTimes(LatencyModel.from_dict(self.profile.latency_model.to_dict()),
                                         self.profile.step_overhead) if self.profile else None)
-                self.scheduler = Scheduler(policy, BlockManager(self.runner.num_kv_blocks, block_size), knobs,
-                                           max_num_seqs=max_num_seqs, total_sms=total, split_sms=splits,
-                                           model=step_times, mixed_token_budget=mixed_token_budget)
+                self.scheduler = Scheduler(c.policy, BlockManager(self.runner.num_kv_blocks, c.block_size), knobs,
+                                           max_num_seqs=c.max_num_seqs, total_sms=total, split_sms=splits,
+                                           model=step_times, mixed_token_budget=c.mixed_token_budget)
                 self.placement = Placement(self.table, total, two_loops, cuda=cuda)
-                prefill_tokens = knobs.prefill_chunk_tokens if two_loops else mixed_token_budget
-                self.graph_report = self._capture_graphs(name, total, splits, prefill_tokens) if cuda else None
+                self.graph_report = self._capture_graphs(name, total, splits, step_tokens) if cuda else None
             except BaseException:
                 self.table.close()
                 raise
         self.tokenizer = self.runner.tokenizer
         self.max_model_len = self.runner.max_model_len
         self.processor = OutputProcessor(self.tokenizer)
-        update = name == "nexus" and (cuda if online_update is None else online_update)
+        update = name == "nexus" and (cuda if c.online_update is None else c.online_update)
         self._stopping = threading.Event()
         self.ctx = LoopContext(self.runner, self.scheduler, self.placement, self.processor, self._stopping,
-                               self._fatal, StepLog(self.device) if step_log else None,
+                               self._fatal, StepLog(self.device) if c.step_log else None,
                                step_times if update else None)
         self._threads: list[threading.Thread] = []
         self.failure: BaseException | None = None
@@ -470,26 +455,18 @@ class EngineCore:
 
 
 _ENGINE_DOC = """
-    `policy`: nexus | chunked | prefill-first | static:N. `profile`: a Profile, or the path of one
-    (nexus only; default profiles/<gpu-slug>/<model-slug>.json). Keyword-only extras: `slo`
-    ("ttft=MS,tpot=MS" or {"ttft": ms, "tpot": ms}: the targets the nexus controller plans for;
-    default: the tuned knobs' in the profile, else ttft=3000,tpot=50), `knobs` (ControllerKnobs;
-    default: the profile's tuned knobs, else derived from the profile), `mixed_token_budget` (chunked and
-    prefill-first), `block_size`, `step_log` (per-step CUDA-event timings, see step_records()),
-    `online_update` (feed step times to the latency model; default on under nexus on a GPU), `dtype`
-    (the weights' and KV cache's; default bf16 on a GPU, float32 on a CPU).
-    Raises EngineError when the engine cannot start as configured.
+    `model`, `policy` (nexus | chunked | prefill-first | static:N) and, as keywords, any field of
+    nexus_tune.core.engine_config.EngineConfig (device, profile, slo, knobs, max_num_seqs, ...), which
+    says what each means and holds its default. Raises EngineError when the engine cannot start as
+    configured, TypeError for a keyword that is no field.
 """
 
 
 class AsyncLLM:
     __doc__ = "The engine as the server drives it: start(), generate() per request, abort(), stats()." + _ENGINE_DOC
 
-    def __init__(self, model: str, policy: str = "nexus", device: str | torch.device = "auto",
-                 profile: Profile | str | Path | None = None, max_num_seqs: int = 256, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None, seed: int = 0, **extra: Any):
-        self.core = EngineCore(model, policy, device, profile, max_num_seqs, max_model_len, gpu_memory_utilization,
-                               num_kv_blocks, seed, **extra)
+    def __init__(self, model: str, policy: str = "nexus", **config: Any):
+        self.core = EngineCore(EngineConfig(model, policy, **config))
         self.tokenizer = self.core.tokenizer
         self.max_model_len = self.core.max_model_len
         # The most tokens (prompt + output) one request can hold: the context, or the KV cache when
@@ -571,8 +548,8 @@ class _Collector:
 class LLM:
     __doc__ = "Offline generation in the spirit of vLLM's `LLM`: `generate(prompts, params)`." + _ENGINE_DOC
 
-    def __init__(self, model: str, policy: str = "nexus", device: str | torch.device = "auto", **kwargs: Any):
-        self.core = EngineCore(model, policy, device, **kwargs)
+    def __init__(self, model: str, policy: str = "nexus", **config: Any):
+        self.core = EngineCore(EngineConfig(model, policy, **config))
         self.tokenizer = self.core.tokenizer
         self._ids = itertools.count()
 

@@ -9,7 +9,7 @@ Every loop runs the same step (`Loop.step`, nano-vllm's schedule -> run -> postp
 so the host prepares and launches step n+1 while the GPU runs step n, and the previous step's
 outputs are handled while the GPU runs this one (vLLM v1's async scheduling; SGLang's overlap
 scheduler). A sequence of step n rides in step n+1 with its token still on the device: the runner
-gathers it there from step n's sampled ids (nexus_tune/scheduler.py, "Lookahead"). Only a batch
+gathers it there from step n's sampled ids (nexus_tune/core/scheduler.py, "Lookahead"). Only a batch
 of decode rows may be followed this way; after a step with prompt chunks the loop finishes it
 before scheduling (their sequences' next state is not known until then).
 
@@ -37,7 +37,6 @@ step only rewrites the KV slots it owns and the scheduler's state changes after 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -48,11 +47,11 @@ from typing import Any, Protocol
 import torch
 
 from engine import sampling
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, on_stream
 from engine.step_inputs import DecodeInput, PrefillInput
-from nexus_tune.partition import GREEN_CONTEXTS, SplitTable
-from nexus_tune.scheduler import DecodeBatch, MixedBatch, PrefillBatch, Scheduler
-from nexus_tune.sequence import Sequence
+from nexus_tune.core.partition import GREEN_CONTEXTS, SplitTable
+from nexus_tune.core.scheduler import DecodeBatch, MixedBatch, PrefillBatch, Scheduler
+from nexus_tune.core.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +225,6 @@ class _Launch:
 _NO_IDS = torch.empty(0, dtype=torch.int64)  # a step in which no row samples
 
 
-def _on(stream: Any) -> contextlib.AbstractContextManager:
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
 class StepRunner:
     """Launches rows through the ModelRunner on one stream, samples, and brings the ids back.
 
@@ -299,7 +294,7 @@ class StepRunner:
             logits = self.runner.prefill(batch, stream, key=key, prev_ids=prev_ids)
         picked = [i for i, r in enumerate(rows) if r.sample]
         host, ids, lps = _NO_IDS, None, None
-        with _on(stream):
+        with on_stream(stream):
             if picked:
                 if len(picked) < logits.shape[0]:  # the index goes up pinned, without a stream sync
                     index = torch.tensor(picked)
@@ -441,7 +436,7 @@ class LoopContext:
 
     def _update_model(self, rec: StepRecord) -> None:
         """StepTimes.update with the step's GPU time (its events, around the launch) and the loop's cycle;
-        the controller's cached predictions stay valid (nexus_tune/overhead.py says why)."""
+        the controller's cached predictions stay valid (nexus_tune/core/overhead.py says why)."""
         decode = rec.kind == "decode"
         size, kv = (rec.decode_seqs, rec.decode_kv) if decode else (rec.prefill_tokens, rec.prefill_kv)
         beside = (rec.beside_prefill, rec.beside_prefill_kv) if decode else (0, 0)

@@ -9,7 +9,7 @@ sequences), else it runs eagerly. `sample(logits, params, steps, stream)` draws 
 Inputs are built on the host with numpy and reach the device in one pinned non-blocking copy
 (engine/step_inputs.py), so a step never waits for the GPU; a token still on the device (sampled
 by the previous step, whose tokens the host has not seen yet) is gathered there from `prev_ids`.
-The runner also implements the profiler's `PhaseRunner` protocol (nexus_tune/runner.py):
+The runner also implements the profiler's `PhaseRunner` protocol (nexus_tune/core/runner.py):
 `prefill_fn` / `decode_fn` with part "all" | "attention" | "dense", captured as graphs on the
 stream (and with GEMMs sized for the SMs) the profiler names, exactly as the engine runs them.
 
@@ -34,8 +34,9 @@ from engine.loader import load_model
 from engine.sampling import sample
 from engine.step_inputs import DecodeInput, DecodeRows, PrefillArrays, PrefillInput, Staging, prefill_arrays
 from engine.tokenizer import load_tokenizer
-from nexus_tune.runner import PARTS
-from nexus_tune.sequence import SamplingParams
+from nexus_tune.core.engine_config import EngineConfig
+from nexus_tune.core.latency_model import PARTS
+from nexus_tune.core.sequence import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,11 @@ def prefill_buckets(max_tokens: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model: str | ModelConfig = "tiny", device: str | torch.device = "auto",
-                 dtype: torch.dtype | None = None, seed: int = 0, backend: str = "auto", block_size: int = 16,
-                 num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
-                 max_model_len: int | None = None, max_num_batched_tokens: int = 8192):
+                 dtype: torch.dtype | None = None, seed: int = 0, backend: str = "auto",
+                 block_size: int = EngineConfig.block_size, num_kv_blocks: int | None = None,
+                 gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization,
+                 max_num_seqs: int = EngineConfig.max_num_seqs, max_model_len: int | None = None,
+                 max_num_batched_tokens: int = EngineConfig.mixed_token_budget):
         """`model`: a preset name (random weights under `seed`), a checkpoint folder, or a ModelConfig.
 
         The KV cache takes `num_kv_blocks` blocks, or on CUDA what fits in `gpu_memory_utilization` of
@@ -122,7 +125,7 @@ class ModelRunner:
         if key is not None and graphs is not None and key in graphs:
             stream = graphs.stream(key)
             bucket = graphs.bucket(key, sum(map(len, batch.token_ids)))
-        with _on(stream):
+        with on_stream(stream):
             self._follow("prefill", stream)
             if bucket is not None:
                 return self._prefill_replay(batch, key, bucket, prev_ids)
@@ -145,7 +148,7 @@ class ModelRunner:
                 raise KeyError(f"no decode graphs were captured for split side {key!r}")
             stream = graphs.stream(key)
             bucket = graphs.bucket(key, n)
-        with _on(stream):
+        with on_stream(stream):
             self._follow("decode", stream)
             self._decode_rows.load(batch, bucket or n, self._decode_staging, prev_ids, self.max_model_len)
             if bucket is not None:
@@ -157,7 +160,7 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int],
                stream: torch.cuda.Stream | None = None) -> list[int]:
         """Next token of each row, drawn on `stream` (where the logits were made); waits for it."""
-        with _on(stream):
+        with on_stream(stream):
             return sample(logits, params, steps).tolist()
 
     def _follow(self, path: str, stream: torch.cuda.Stream | None) -> None:
@@ -323,7 +326,7 @@ class ModelRunner:
         graph = capture(step, stream or torch.cuda.current_stream(), sms=gemm_sms, total_sms=total)
 
         def replay(replay_stream: torch.cuda.Stream | None) -> None:
-            with _on(replay_stream):
+            with on_stream(replay_stream):
                 graph.replay()
         replay.inputs = step  # the graph reads the tensors `step` closes over: they must live as long as it
         return replay
@@ -415,7 +418,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
-def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+def on_stream(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+    """Work inside runs on `stream`; with None (a CPU), where it would anyway."""
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_tune.sequence import SamplingParams
+from nexus_tune.core.sequence import SamplingParams
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the 64-bit seed space
 

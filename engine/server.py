@@ -15,20 +15,16 @@ away aborts its request, which frees its KV blocks. Shutdown (`serve`) drains fo
 `[DONE]` on a stream); the engine always shuts down.
 """
 from __future__ import annotations
-
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
 import re
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
-
 import anyio
 import jinja2
 import uvicorn
@@ -38,8 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException
-
-from nexus_tune.sequence import MAX_LOGPROBS, MAX_REPETITION_PENALTY, SamplingParams
+from nexus_tune.core.sequence import MAX_LOGPROBS, MAX_REPETITION_PENALTY, SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -892,36 +887,3 @@ def serve(app: FastAPI, host: str, port: int) -> None:
     # No access log: one line per request costs the event loop time that streaming needs.
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False)
     DrainingServer(config, app.state.server).run()
-
-
-def _check_listen(host: str, port: int) -> None:
-    """Bind the address and let it go: a taken port or an unknown host fails here (OSError),
-    before the model loads, rather than in uvicorn after it."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no refusal
-        sock.bind((host, port))
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    """`nexus-tune serve`: load the model, then serve until interrupted (a graceful drain, see
-    DrainingServer). The CLI checked each flag."""
-    from engine.llm import AsyncLLM, EngineError
-    from nexus_tune.cli import report_error
-
-    try:
-        _check_listen(args.host, args.port)
-    except OSError as exc:
-        report_error(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        engine = AsyncLLM(args.model, policy=args.policy, device=args.device, profile=args.profile,
-                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                          gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, slo=args.slo)
-    except EngineError as exc:
-        report_error(str(exc))
-        return 2
-    app = build_app(engine, args.served_model_name or args.model, args.max_queue, args.shutdown_timeout)
-    serve(app, args.host, args.port)
-    return 0

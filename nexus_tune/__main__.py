@@ -1,5 +1,5 @@
 import sys
 
-from nexus_tune.cli import main
+from nexus_tune.commands.cli import main
 
 sys.exit(main())

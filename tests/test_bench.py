@@ -11,9 +11,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from nexus_tune import bench
-from nexus_tune.cli import main
-from nexus_tune.workload import make_trace
+from nexus_tune.commands import bench
+from nexus_tune.commands.cli import main
+from nexus_tune.core.workload import make_trace
 
 TOKEN_DELAY_S = 0.002
 MAX_TOKENS = 64  # the fake server's output limit: longer requests answer HTTP 400

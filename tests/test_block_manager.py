@@ -1,7 +1,7 @@
 import pytest
 
-from nexus_tune.block_manager import BlockManager
-from nexus_tune.sequence import Sequence
+from nexus_tune.core.block_manager import BlockManager
+from nexus_tune.core.sequence import Sequence
 
 
 class Flag:

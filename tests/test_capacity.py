@@ -8,8 +8,8 @@ import pytest
 
 from benchmarks import capacity
 from engine.loader import resolve_config
-from nexus_tune import metrics
-from nexus_tune.profile import synthetic_profile
+from nexus_tune.core import metrics
+from nexus_tune.core.testing import synthetic_profile
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 SMALL = ["--seeds", "0", "--min-duration", "0", "--arrivals", "poisson", "--rel-tol", "0.1"]

@@ -3,7 +3,7 @@
 Each must end in a clean error: argparse's usage message or one line `error: ...` on stderr, exit
 code 2 or 1, no traceback, nothing on stdout (no table, no progress bar: no run was started), and
 no hang. In-process, so the whole table costs seconds; pytest-timeout turns a hang into a failure.
-`serve` never reaches a real server here: engine.server.serve fails the test if a case gets that far.
+`serve` never reaches a real server here: nexus_tune.commands.serve.serve fails the test if a case gets that far.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from nexus_tune.cli import main
-from nexus_tune.profile import synthetic_profile
+from nexus_tune.commands.cli import main
+from nexus_tune.core.testing import synthetic_profile
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -222,7 +222,7 @@ def no_server(monkeypatch):
     def started(*args, **kwargs):
         raise AssertionError("the server started: the bad input was accepted")
 
-    monkeypatch.setattr("engine.server.serve", started)
+    monkeypatch.setattr("nexus_tune.commands.serve.serve", started)
     monkeypatch.setattr("logging.basicConfig", lambda **kwargs: None)  # no handlers left on the root logger
 
 

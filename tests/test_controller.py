@@ -5,10 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_tune.controller import CHUNK_CHOICES, MARGIN_RANGE, Controller, ControllerKnobs, StepState, quantize_kv
-from nexus_tune.latency_model import LatencyModel
-from nexus_tune.overhead import StepOverhead, StepTimes
-from nexus_tune.profile import synthetic_latency_model, synthetic_profile
+from nexus_tune.core.controller import (CHUNK_CHOICES, MARGIN_RANGE, Controller, ControllerKnobs, StepState,
+                                        quantize_kv)
+from nexus_tune.core.latency_model import LatencyModel
+from nexus_tune.core.overhead import StepOverhead, StepTimes
+from nexus_tune.core.testing import synthetic_latency_model, synthetic_profile
 
 TOTAL = 132
 SPLITS = list(range(8, 128, 8))  # what partition.split_sizes gives on an H100 (granularity 8)

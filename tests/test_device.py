@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexus_tune import device
-from nexus_tune.device import DeviceInfo, NoGPU, identify, slugify, software_versions
+from nexus_tune.core import device
+from nexus_tune.core.device import DeviceInfo, NoGPU, identify, slugify, software_versions
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
 

@@ -17,10 +17,10 @@ import engine.sampling as sampling
 from engine.llm import LLM, AsyncLLM, EngineError, load_profile
 from engine.model_runner import ModelRunner
 from engine.step_inputs import DecodeInput, PrefillInput
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.device import DeviceInfo
-from nexus_tune.profile import synthetic_profile
-from nexus_tune.sequence import SamplingParams
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.device import DeviceInfo
+from nexus_tune.core.testing import synthetic_profile
+from nexus_tune.core.sequence import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -267,7 +267,7 @@ def test_nexus_without_a_profile_refuses_on_a_cpu():
 
 def test_nexus_names_the_command_that_makes_the_missing_profile(monkeypatch, tmp_path):
     gpu = DeviceInfo(0, "Fake GPU", "fake-gpu", 132, 80 << 30, (9, 0), "x", "x")
-    monkeypatch.setattr("nexus_tune.device.identify", lambda index=0: gpu)
+    monkeypatch.setattr("nexus_tune.core.device.identify", lambda index=0: gpu)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(EngineError, match=r"profiles/fake-gpu/tiny\.json.*nexus-tune profile --model tiny"):
         load_profile(None, "tiny", torch.device("cuda"))

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from nexus_tune.cli import main
-from nexus_tune.partition import TimeSharingWarning
+from nexus_tune.commands.cli import main
+from nexus_tune.core.partition import TimeSharingWarning
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU output")
 
@@ -38,6 +38,6 @@ def test_info_bad_device_index(capsys, monkeypatch):
     def bad_index(index):
         raise ValueError(f"device {index} does not exist: this machine has 1 GPU(s), 0..0")
 
-    monkeypatch.setattr("nexus_tune.info.identify", bad_index)
+    monkeypatch.setattr("nexus_tune.commands.info.identify", bad_index)
     assert main(["info", "--device", "3"]) == 2
     assert "device 3 does not exist" in capsys.readouterr().out

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nexus_tune.latency_model import LatencyModel, OpClass, Sample, share
-from nexus_tune.profile import Profile, synthetic_latency_model, synthetic_profile
-from nexus_tune.profiler import split_samples
+from nexus_tune.core.latency_model import LatencyModel, OpClass, Sample, share
+from nexus_tune.core.profile import Profile
+from nexus_tune.core.testing import synthetic_latency_model, synthetic_profile
+from nexus_tune.core.grid import split_samples
 
 TOTAL = 132
 REPO = Path(__file__).resolve().parents[1]

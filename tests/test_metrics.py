@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nexus_tune.metrics import RequestRecord, capacity, parse_slos, slo_attainment, summarize
+from nexus_tune.core.metrics import RequestRecord, capacity, parse_slos, slo_attainment, summarize
 
 
 def record(rid, arrival, times, prompt=100, success=True):

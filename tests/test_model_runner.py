@@ -8,8 +8,8 @@ from engine.kv_cache import CPU_KV_BYTES, KVCache
 from engine.model_runner import ModelRunner
 from engine.step_inputs import DecodeInput, DecodeRows, PrefillInput, Staging
 from engine.sampling import check_stop
-from nexus_tune.runner import PhaseRunner
-from nexus_tune.sequence import SamplingParams
+from nexus_tune.core.runner import PhaseRunner
+from nexus_tune.core.sequence import SamplingParams
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs and the Triton backend need a CUDA GPU")

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from engine.server import build_app
-from nexus_tune.sequence import SamplingParams
+from nexus_tune.core.sequence import SamplingParams
 from server_helpers import FakeEngine, ThreadServer
 
 MODEL = "fake-model"

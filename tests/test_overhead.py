@@ -4,10 +4,11 @@ from dataclasses import replace
 
 import pytest
 
-from nexus_tune.overhead import StepOverhead, predicted_gpu_ms
-from nexus_tune.profile import Profile, synthetic_profile
-from nexus_tune.simulate import simulate
-from nexus_tune.workload import make_trace
+from nexus_tune.core.overhead import StepOverhead, predicted_gpu_ms
+from nexus_tune.core.profile import Profile
+from nexus_tune.core.testing import synthetic_profile
+from nexus_tune.core.simulator import simulate
+from nexus_tune.core.workload import make_trace
 
 PROFILE = replace(synthetic_profile(132, 8), kv_capacity_tokens=400_000)
 MODEL = PROFILE.latency_model

@@ -18,13 +18,14 @@ import torch
 from benchmarks import paper_eval, paper_report, sim_fidelity
 from benchmarks.model_roofline import step_roofline_ms
 from benchmarks.paper_eval import PolicyResult, Sweep
-from nexus_tune.replay import _Progress
+from nexus_tune.commands.replay import _Progress
 from engine.loader import resolve_config
 from engine.loops import StepRecord
-from nexus_tune import cli
-from nexus_tune.calibrate import RECORDS_FILE
-from nexus_tune.profile import Profile, synthetic_profile
-from nexus_tune.workload import TraceRequest
+from nexus_tune.commands import cli
+from nexus_tune.commands.calibrate import RECORDS_FILE
+from nexus_tune.core.profile import Profile
+from nexus_tune.core.testing import synthetic_profile
+from nexus_tune.core.workload import TraceRequest
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

@@ -10,11 +10,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexus_tune import partition
-from nexus_tune.partition import (
-    GREEN_CONTEXTS, TIME_SHARING, CudaDriver, GreenContextError, Granularity, Side, SplitTable, TimeSharingWarning,
-    granularity_of, group_size, split_sizes,
-)
+from nexus_tune.core import partition
+from nexus_tune.core.partition import (GREEN_CONTEXTS, TIME_SHARING, CudaDriver, GreenContextError, Granularity, Side,
+                                       SplitTable, TimeSharingWarning, granularity_of, group_size, split_sizes)
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 

@@ -1,9 +1,9 @@
 import pytest
 
-from nexus_tune.cli import main
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.plan import POLICIES, plan, static_policies
-from nexus_tune.profile import synthetic_profile
+from nexus_tune.commands.cli import main
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.commands.plan import POLICIES, plan, static_policies
+from nexus_tune.core.testing import synthetic_profile
 
 SLOS = {"ttft": 3000.0, "tpot": 50.0}
 

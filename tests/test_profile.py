@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from nexus_tune.cli import main
-from nexus_tune.device import DeviceInfo
-from nexus_tune.profile import (_REPO_PROFILES, SCHEMA_VERSION, Profile, ProfileError, model_slug, profile_path,
-                                synthetic_profile)
+from nexus_tune.commands.cli import main
+from nexus_tune.core.device import DeviceInfo
+from nexus_tune.core.profile import REPO_PROFILES, SCHEMA_VERSION, Profile, ProfileError, model_slug, profile_path
+from nexus_tune.core.testing import synthetic_profile
 
 MAKE = "nexus-tune profile --model llama-3.1-8b"
 
@@ -82,7 +82,7 @@ def test_synthetic_profile_scales_and_fits_other_gpus():
 
 
 def test_synthetic_profile_is_never_written_under_profiles(synthetic):
-    target = _REPO_PROFILES / "synthetic-132sm" / "llama-3.1-8b.json"
+    target = REPO_PROFILES / "synthetic-132sm" / "llama-3.1-8b.json"
     with pytest.raises(ProfileError, match="synthetic"):
         synthetic.save(target)
     assert not target.exists()

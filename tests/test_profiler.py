@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from engine.config import get_preset
-from nexus_tune.cli import main
-from nexus_tune.latency_model import PARTS
-from nexus_tune.partition import Granularity, split_sizes
-from nexus_tune.profile import synthetic_latency_model
-from nexus_tune.profiler import BUDGET_S, PILOT_DECODE, PILOT_PREFILL, Plan, RooflineCost, plan_grid, split_samples
+from nexus_tune.commands.cli import main
+from nexus_tune.core.latency_model import PARTS
+from nexus_tune.core.partition import Granularity, split_sizes
+from nexus_tune.core.testing import synthetic_latency_model
+from nexus_tune.commands.profiler import BUDGET_S
+from nexus_tune.core.grid import PILOT_DECODE, PILOT_PREFILL, Plan, RooflineCost, plan_grid, split_samples
 
 H100_SPLITS = split_sizes(Granularity(132, 8, 8))
 H100_KV = 430_000  # Llama-3.1-8B at 0.9 memory utilisation on 80 GB
@@ -104,7 +105,8 @@ def test_roofline_estimate_calibrates_to_the_pilot(cost):
 
 
 def test_importing_the_profiler_loads_neither_engine_nor_torch():
-    code = "import sys, nexus_tune.profiler, nexus_tune.profile; print('engine' in sys.modules, 'torch' in sys.modules)"
+    code = ("import sys, nexus_tune.commands.profiler, nexus_tune.core.profile; "
+            "print('engine' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -124,8 +126,8 @@ def test_profile_without_a_gpu_exits_with_a_clear_message(tmp_path, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times real model steps on a GPU")
 def test_quick_profile_of_a_small_model_on_a_gpu(tmp_path, capsys):
-    from nexus_tune.device import identify
-    from nexus_tune.profile import Profile, profile_path
+    from nexus_tune.core.device import identify
+    from nexus_tune.core.profile import Profile, profile_path
 
     model = "qwen2.5-0.5b"  # real shapes, a minute of sweep
     assert main(["profile", "--model", model, "--quick", "--out", str(tmp_path)]) == 0
@@ -149,7 +151,7 @@ def test_quick_profile_of_a_small_model_on_a_gpu(tmp_path, capsys):
 
 
 def test_usable_splits_keep_two_minimum_partitions_on_the_remainder_side():
-    from nexus_tune.profiler import usable_splits
+    from nexus_tune.commands.profiler import usable_splits
 
     splits = list(range(8, 121, 8))
     assert usable_splits(splits, 132, 8) == list(range(8, 113, 8))  # 120 would leave decode 12 SMs

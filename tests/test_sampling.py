@@ -6,7 +6,7 @@ import torch
 
 import engine.sampling as sampling_module
 from engine.sampling import StopDecision, TokenLogprobs, _penalize, check_stop, logprobs, sample
-from nexus_tune.sequence import SamplingParams
+from nexus_tune.core.sequence import SamplingParams
 
 
 def _logits(rows: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor:

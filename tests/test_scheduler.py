@@ -4,11 +4,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_tune.block_manager import BlockManager
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.profile import synthetic_latency_model
-from nexus_tune.scheduler import DecodeBatch, MixedBatch, PrefillBatch, Scheduler, parse_policy
-from nexus_tune.sequence import SamplingParams, Sequence, SequenceStatus
+from nexus_tune.core.block_manager import BlockManager
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.testing import synthetic_latency_model
+from nexus_tune.core.scheduler import DecodeBatch, MixedBatch, PrefillBatch, Scheduler, parse_policy
+from nexus_tune.core.sequence import SamplingParams, Sequence, SequenceStatus
 
 BS = 4
 TOTAL = 132

@@ -24,7 +24,7 @@ from starlette.testclient import TestClient
 
 from engine.sampling import TokenLogprobs
 from engine.server import build_app
-from nexus_tune.sequence import SamplingParams
+from nexus_tune.core.sequence import SamplingParams
 from server_helpers import FakeEngine, ThreadServer, sse_events, wait_for
 
 MODEL = "fake-model"

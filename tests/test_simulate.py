@@ -4,11 +4,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from nexus_tune.cli import main
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.profile import Profile, synthetic_latency_model, synthetic_profile
-from nexus_tune.simulate import default_policies, simulate
-from nexus_tune.workload import TraceRequest, make_trace
+from nexus_tune.commands.cli import main
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.profile import Profile
+from nexus_tune.core.testing import synthetic_latency_model, synthetic_profile
+from nexus_tune.commands.simulate import default_policies
+from nexus_tune.core.simulator import simulate
+from nexus_tune.core.workload import TraceRequest, make_trace
 
 TOTAL = 132
 SPLITS = list(range(8, 128, 8))

@@ -8,9 +8,9 @@ import pytest
 
 from engine.llm import LLM, EngineError
 from engine.loader import resolve_config
-from nexus_tune.cli import main
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.profile import synthetic_profile
+from nexus_tune.commands.cli import main
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.testing import synthetic_profile
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -32,7 +32,7 @@ def controller_knobs(core) -> ControllerKnobs:
 
 def test_serve_slo_reaches_the_controller(tmp_path, monkeypatch):
     apps = []
-    monkeypatch.setattr("engine.server.serve", lambda app, host, port: apps.append(app))  # built, not served
+    monkeypatch.setattr("nexus_tune.commands.serve.serve", lambda app, host, port: apps.append(app))  # built, not served
     tiny = resolve_config("tiny").config_hash()  # a profile file must name the model it serves
     path = synthetic_profile(model_name="tiny", config_hash=tiny).save(tmp_path / "p.json")
     argv = ["serve", "--model", "tiny", "--device", "cpu", "--profile", str(path), "--port", str(free_port())]

@@ -3,12 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from nexus_tune.cli import main
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.profile import Profile, synthetic_profile
-from nexus_tune.simulate import simulate
-from nexus_tune.tune import CapacityProbe, find_capacity, rate_range, search_capacity, tune
-from nexus_tune.workload import make_trace
+from nexus_tune.commands.cli import main
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.profile import Profile
+from nexus_tune.core.testing import synthetic_profile
+from nexus_tune.core.simulator import simulate
+from nexus_tune.commands.tune import CapacityProbe, find_capacity, rate_range, search_capacity, tune
+from nexus_tune.core.workload import make_trace
 
 SLOS = {"ttft": 3000.0, "tpot": 50.0}
 NUM_PROMPTS = 100  # small traces: these tests check the search, not the numbers

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from nexus_tune.workload import (MIXED_SHAREGPT_SHARE, PAPER_STATS, arrival_times, make_trace, synthetic_lengths)
+from nexus_tune.core.workload import MIXED_SHAREGPT_SHARE, PAPER_STATS, arrival_times, make_trace, synthetic_lengths
 
 
 @pytest.mark.parametrize("name", list(PAPER_STATS))

@@ -19,7 +19,7 @@ with non-negative terms fitted by least squares. The target is the step's measur
 its start event, so host work before the launch counts) plus the host gap to the loop's next step;
 a gap longer than GAP_IDLE x the key's median gap is the loop waiting for work, not working, and
 counts as the median. Keys with fewer than `min_steps` steps stay unfitted: their cycle is the
-prediction. `nexus-tune calibrate` (nexus_tune/calibrate.py) fits one from engine runs and
+prediction. `nexus-tune calibrate` (nexus_tune/commands/calibrate.py) fits one from engine runs and
 writes it into the profile, where the simulator uses it.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
-from nexus_tune.latency_model import Correction, LatencyModel
+from nexus_tune.core.latency_model import Correction, LatencyModel
 
 GAP_IDLE = 3.0  # a gap this many times the key's median: the loop was idle, not busy
 IDENTITY = (1.0, 0.0, 0.0)

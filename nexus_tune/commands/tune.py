@@ -19,12 +19,12 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
-from nexus_tune import metrics
-from nexus_tune.bench import progress_bar
-from nexus_tune.controller import CHUNK_CHOICES, ControllerKnobs
-from nexus_tune.profile import Profile, ProfileError
-from nexus_tune.simulate import simulate
-from nexus_tune.workload import TraceRequest, make_trace
+from nexus_tune.core import metrics
+from nexus_tune.commands.reporting import progress_bar
+from nexus_tune.core.controller import CHUNK_CHOICES, ControllerKnobs
+from nexus_tune.core.profile import Profile, ProfileError
+from nexus_tune.core.simulator import simulate
+from nexus_tune.core.workload import TraceRequest, make_trace
 
 TRIAL_BATCH = 4  # trials simulated at once (fixed, so results do not depend on the core count)
 
@@ -253,7 +253,7 @@ CEILING_NOTE = (">=: the search stops at 1.5x the prefill-only bound (the GPU do
 
 
 def run_tune(args) -> int:
-    from nexus_tune.cli import report_error
+    from nexus_tune.commands.cli import report_error
 
     console = Console()
     try:

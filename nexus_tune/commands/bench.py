@@ -7,7 +7,6 @@ the metrics and JSON field names are vLLM's (see metrics.py). `--sweep` repeats 
 several rates and reports the capacity: the highest rate at which 90% of requests meet the SLOs.
 """
 from __future__ import annotations
-
 import asyncio
 import json
 import math
@@ -16,16 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-
 import httpx
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from nexus_tune import metrics
-from nexus_tune.metrics import RequestRecord
-from nexus_tune.workload import TraceRequest, make_trace
+from nexus_tune.core import metrics
+from nexus_tune.core.metrics import RequestRecord
+from nexus_tune.core.workload import TraceRequest, make_trace
+from nexus_tune.commands.reporting import plot_latency_vs_rate, progress_bar
 
 # Four-letter words with a leading space: one token each in Llama / Qwen / GPT BPE vocabularies
 # and five bytes each for a byte-level tokenizer, so a calibrated word count hits a token count.
@@ -199,41 +196,6 @@ def print_result(result: dict, console: Console) -> None:
     console.print(table)
 
 
-def plot_latency_vs_rate(series: dict[str, list[tuple[float, dict]]], slos: dict[str, float], path: str,
-                         capacities: dict[str, float | None] | None = None) -> None:
-    """Median and p99 TTFT and TPOT against request rate, one line pair per series, SLOs dashed."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, name, label in ((axes[0], "ttft", "TTFT (ms)"), (axes[1], "tpot", "TPOT (ms)")):
-        for i, (key, points) in enumerate(series.items()):
-            rates = [rate for rate, _ in points]
-            color = f"C{i}"
-            ax.plot(rates, [s[f"median_{name}_ms"] for _, s in points], "o-", color=color, label=f"{key} median")
-            ax.plot(rates, [s[f"p99_{name}_ms"] for _, s in points], "s--", color=color, alpha=0.6,
-                    label=f"{key} p99")
-            cap = (capacities or {}).get(key)
-            if cap is not None:
-                ax.axvline(cap, color=color, linestyle=":", alpha=0.8)
-        if name in slos:
-            ax.axhline(slos[name], color="black", linestyle="--", linewidth=1, label=f"SLO {slos[name]:g} ms")
-        ax.set_title(f"{label.split()[0]} against request rate (dotted: capacity)")
-        ax.set_xlabel("request rate (req/s)")
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize="small")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-
-
-def progress_bar(console: Console) -> Progress:
-    """The bar bench, tune and plan show: what runs, how many of how many, time so far."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
-
-
 async def served_model(client: httpx.AsyncClient, base_url: str, name: str | None) -> tuple[str, int | None]:
     """The model to request (`name`, else the server's first) and its context length when /v1/models
     reports one (vLLM and nexus-tune do, as `max_model_len`)."""
@@ -305,7 +267,7 @@ def _print_sweep(results: list[dict], cap: float | None, slos: dict, console: Co
 
 
 def run_bench(args) -> int:
-    from nexus_tune.cli import report_error
+    from nexus_tune.commands.cli import report_error
 
     console = Console()
     try:

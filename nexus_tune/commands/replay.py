@@ -31,10 +31,10 @@ from rich.console import Console
 from engine.llm import AsyncLLM, EngineError, load_profile
 from engine.loops import StepRecord
 from engine.model_runner import DECODE_BUCKETS
-from nexus_tune import metrics
-from nexus_tune.profile import Profile
-from nexus_tune.sequence import SamplingParams
-from nexus_tune.workload import TraceRequest
+from nexus_tune.core import metrics
+from nexus_tune.core.profile import Profile
+from nexus_tune.core.sequence import SamplingParams
+from nexus_tune.core.workload import TraceRequest
 
 PROBE_LENS = (16, 300, 2100, 5000)  # warm-up too: Triton compiles the prefill shapes it meets here
 PROBE_TOKENS = 16
@@ -72,7 +72,7 @@ def capped_trace(trace: list[TraceRequest], max_model_len: int, max_output: int)
             for r in trace]
 
 
-def find_profile(model: str, path: str | None, out: Path, measure: bool, console: Console,
+def load_or_measure_profile(model: str, path: str | None, out: Path, measure: bool, console: Console,
                  device: str = "cuda") -> Profile | None:
     """The profile of this GPU and model: `path`, else profiles/<gpu>/<model>.json, else (with `measure`)
     a quick one measured here and saved under `out`. None, with the reason printed, if there is none."""
@@ -84,8 +84,8 @@ def find_profile(model: str, path: str | None, out: Path, measure: bool, console
             console.print(f"[yellow]no profile: {e}[/]")
             return None
         console.print(f"no profile yet ({e}); measuring a quick one (about two minutes)")
-    from nexus_tune.profile import ProfileError
-    from nexus_tune.profiler import profile_model
+    from nexus_tune.core.profile import ProfileError
+    from nexus_tune.commands.profiler import profile_model
 
     try:
         profile = profile_model(model, dev.index or 0, quick=True, console=console)

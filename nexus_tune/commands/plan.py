@@ -11,11 +11,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from nexus_tune.bench import plot_latency_vs_rate, progress_bar
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.profile import Profile, ProfileError
-from nexus_tune.tune import (CEILING_NOTE, CapacityProbe, capacity_text, knobs_table, parallel_map, rate_range,
-                             search_capacity, sim_inputs)
+from nexus_tune.commands.reporting import plot_latency_vs_rate, progress_bar
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.profile import Profile, ProfileError
+from nexus_tune.commands.tune import (CEILING_NOTE, CapacityProbe, capacity_text, knobs_table, parallel_map,
+                                      rate_range, search_capacity, sim_inputs)
 
 POLICIES = ("nexus", "chunked", "prefill-first")
 STATIC_SHARES = (0.25, 0.375, 0.5, 0.625, 0.75)  # prefill shares of the static splits tried
@@ -93,7 +93,7 @@ def plan_table(result: dict, title: str) -> Table:
 
 
 def run_plan(args) -> int:
-    from nexus_tune.cli import report_error
+    from nexus_tune.commands.cli import report_error
 
     console = Console()
     try:

@@ -21,24 +21,22 @@ step adds one token per sequence at its end. Requests stop at their trace output
 KV capacity is the profile's `kv_capacity_tokens`, in blocks of `block_size`.
 """
 from __future__ import annotations
-
 import heapq
 import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-from nexus_tune import metrics
-from nexus_tune.block_manager import BlockManager
-from nexus_tune.controller import ControllerKnobs
-from nexus_tune.latency_model import LatencyModel
-from nexus_tune.metrics import RequestRecord
-from nexus_tune.overhead import StepTimes, step_gpu_ms
-from nexus_tune.scheduler import MIXED_TOKEN_BUDGET, DecodeBatch, MixedBatch, PrefillBatch, Scheduler
-from nexus_tune.sequence import SamplingParams, Sequence
-from nexus_tune.workload import TraceRequest
-
+from nexus_tune.core import metrics
+from nexus_tune.core.block_manager import BlockManager
+from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.latency_model import LatencyModel
+from nexus_tune.core.metrics import RequestRecord
+from nexus_tune.core.overhead import StepTimes, step_gpu_ms
+from nexus_tune.core.engine_config import EngineConfig
+from nexus_tune.core.scheduler import DecodeBatch, MixedBatch, PrefillBatch, Scheduler
+from nexus_tune.core.sequence import SamplingParams, Sequence
+from nexus_tune.core.workload import TraceRequest
 if TYPE_CHECKING:
-    from nexus_tune.profile import Profile
+    from nexus_tune.core.profile import Profile
 
 _ARRIVAL, _PREFILL_DONE, _DECODE_DONE, _STEP_DONE = range(4)
 
@@ -60,7 +58,8 @@ class SimResult:
 
 
 def simulate(profile: Profile, trace: list[TraceRequest], policy: str, knobs: ControllerKnobs | None = None, *,
-             max_num_seqs: int = 256, block_size: int = 16, mixed_token_budget: int = MIXED_TOKEN_BUDGET,
+             max_num_seqs: int = EngineConfig.max_num_seqs, block_size: int = EngineConfig.block_size,
+             mixed_token_budget: int = EngineConfig.mixed_token_budget,
              gpu: LatencyModel | None = None) -> SimResult:
     """Replay `trace` under `policy` (nexus | chunked | prefill-first | static:N) on `profile`.
 
@@ -231,64 +230,3 @@ class _Simulation:
         seen = (("prefill", p_t, p_kv, sms, gpu_ms, 0, 0) if kind == "prefill"
                 else ("decode", d_n, d_kv, sms, gpu_ms, b_t, b_kv))
         return ms, (*seen, ms)
-
-
-# (row label, summary key, format) of the `nexus-tune simulate` table.
-_TABLE_ROWS = [
-    ("completed", "completed", "{}"),
-    ("failed", "failed", "{}"),
-    ("requests/s", "request_throughput", "{:.2f}"),
-    ("output tokens/s", "output_throughput", "{:.0f}"),
-    *[(f"{stat} {name.upper()} (ms)", f"{stat}_{name}_ms", "{:.1f}")
-      for name in ("ttft", "tpot", "itl", "e2el") for stat in ("mean", "p99")],
-    ("goodput (req/s)", "goodput", "{:.2f}"),
-    ("SLO attainment", "slo_attainment", "{:.1%}"),
-    ("preemptions", "num_preemptions", "{}"),
-    ("split switches", "split_switches", "{}"),
-]
-
-
-def default_policies(profile: Profile) -> list[str]:
-    """Every policy; the static split is the pre-created one closest to half the GPU."""
-    half = min(profile.split_sms, key=lambda s: abs(s - profile.gpu["sm_count"] / 2))
-    return ["nexus", "chunked", "prefill-first", f"static:{half}"]
-
-
-def run_simulate(args) -> int:
-    """`nexus-tune simulate`: replay one trace under each policy and compare them in one table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from nexus_tune.cli import report_error
-    from nexus_tune.plan import recommended_knobs
-    from nexus_tune.profile import Profile, ProfileError
-    from nexus_tune.workload import make_trace
-
-    console = Console()
-    try:
-        profile = Profile.load(args.profile)
-        slos = metrics.parse_slos(args.slo)
-        trace = make_trace(args.workload, args.num_prompts, args.request_rate, args.burstiness, args.seed)
-        policies = args.policy or default_policies(profile)  # the CLI checked the names
-        knobs = recommended_knobs(profile, slos)  # as `plan` does: tuned knobs, slo targets from --slo
-        results = []
-        with console.status("") as status:
-            for policy in policies:
-                status.update(f"simulating {policy} on {len(trace)} requests ...")
-                results.append(simulate(profile, trace, policy, knobs))
-    except (ProfileError, ValueError, OSError) as e:
-        report_error(str(e))
-        return 2
-
-    slo_text = ", ".join(f"{k} <= {v:g} ms" for k, v in slos.items()) or "none"
-    table = Table(title=f"{args.workload}: {len(trace)} requests at {args.request_rate:g} req/s "
-                        f"(burstiness {args.burstiness:g}); SLOs: {slo_text}; nexus controller: {knobs.mode} mode")
-    table.add_column("metric")
-    for result in results:
-        table.add_column(result.policy, justify="right")
-    summaries = [r.summary(slos) for r in results]
-    for label, key, fmt in _TABLE_ROWS:
-        if summaries[0].get(key) is not None:  # goodput rows only with SLOs
-            table.add_row(label, *(fmt.format(s[key]) for s in summaries))
-    console.print(table)
-    return 0

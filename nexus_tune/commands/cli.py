@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from nexus_tune.core.engine_config import EngineConfig  # light: dataclasses only
+
 T = TypeVar("T")
 
 
@@ -65,8 +67,8 @@ def _checked(parser: str) -> Callable[[str], str]:
     return convert
 
 
-slo_spec = _checked("nexus_tune.metrics:parse_slos")
-policy_name = _checked("nexus_tune.scheduler:parse_policy")
+slo_spec = _checked("nexus_tune.core.metrics:parse_slos")
+policy_name = _checked("nexus_tune.core.scheduler:parse_policy")
 
 
 def comma_list(item: Callable[[str], T]) -> Callable[[str], list[T]]:
@@ -111,7 +113,7 @@ def _build_parser() -> argparse.ArgumentParser:
     # -- info ------------------------------------------------------------------------------
     p = sub.add_parser("info", help="the GPU, its SM granularity, the splits it allows, the backend")
     p.add_argument("--device", type=nonnegative_int, default=0, help="CUDA device index")
-    p.set_defaults(handler="nexus_tune.info:run_info")
+    p.set_defaults(handler="nexus_tune.commands.info:run_info")
 
     # -- profile ---------------------------------------------------------------------------
     p = sub.add_parser("profile", help="time prefill and decode over SM counts, fit and save the latency model")
@@ -119,12 +121,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="profiles", help="folder that receives <gpu-slug>/<model-slug>.json")
     p.add_argument("--quick", action="store_true", help="a coarse grid: about two minutes")
     p.add_argument("--device", type=nonnegative_int, default=0, help="CUDA device index")
-    p.set_defaults(handler="nexus_tune.profiler:run_profile")
+    p.set_defaults(handler="nexus_tune.commands.profiler:run_profile")
     profile_sub = p.add_subparsers(dest="profile_command")
     ps = profile_sub.add_parser("show", help="print a saved profile and plot latency against SMs")
     ps.add_argument("path", help="a profile JSON file")
     ps.add_argument("--plot", type=output_file, help="write the latency-vs-SMs figure to this PNG")
-    ps.set_defaults(handler="nexus_tune.profile:run_show")
+    ps.set_defaults(handler="nexus_tune.commands.profile_view:run_show")
 
     # -- calibrate -------------------------------------------------------------------------
     p = sub.add_parser("calibrate", help="fit the engine's per-step overhead into a profile (simulate, tune, plan use it)")
@@ -146,7 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="a step kind with fewer keeps the bare prediction")
     p.add_argument("--device", type=torch_device, default="cuda", help="cuda, or cpu (tiny presets, tests)")
     p.add_argument("--out", default="out/calibration", help="folder for the step records")
-    p.set_defaults(handler="nexus_tune.calibrate:run_calibrate")
+    p.set_defaults(handler="nexus_tune.commands.calibrate:run_calibrate")
 
     # -- serve -----------------------------------------------------------------------------
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the bundled engine")
@@ -156,17 +158,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=tcp_port, default=8000)
     p.add_argument("--served-model-name", help="the name clients use (default: the --model value)")
-    p.add_argument("--max-num-seqs", type=positive_int, default=256)
+    p.add_argument("--max-num-seqs", type=positive_int, default=EngineConfig.max_num_seqs)
     p.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
-    p.add_argument("--gpu-memory-utilization", type=fraction, default=0.90)
+    p.add_argument("--gpu-memory-utilization", type=fraction, default=EngineConfig.gpu_memory_utilization)
     p.add_argument("--max-queue", type=positive_int, default=1024, help="waiting requests before answering 503")
     p.add_argument("--shutdown-timeout", type=nonnegative_float, default=30.0,
                    help="seconds open requests may finish after SIGTERM/SIGINT before they are aborted")
     p.add_argument("--device", type=engine_device, default="auto", help="cuda, cpu or auto")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random weights of a preset")
+    p.add_argument("--seed", type=nonnegative_int, default=EngineConfig.seed, help="seed of the random weights of a preset")
     p.add_argument("--slo", type=slo_spec, help="ttft=MS,tpot=MS: the targets nexus plans for "
                    "(default: the profile's tuned knobs', else ttft=3000,tpot=50)")
-    p.set_defaults(handler="engine.server:run_serve")
+    p.set_defaults(handler="nexus_tune.commands.serve:run_serve")
 
     # -- bench -----------------------------------------------------------------------------
     p = sub.add_parser("bench", help="drive an OpenAI-compatible server like vLLM's serving benchmark")
@@ -188,7 +190,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="comma-separated request rates; finds the capacity")
     p.add_argument("--result-file", type=output_file, help="JSON with vLLM's field names")
     p.add_argument("--plot", type=output_file, help="latency against rate, with --sweep (PNG)")
-    p.set_defaults(handler="nexus_tune.bench:run_bench")
+    p.set_defaults(handler="nexus_tune.commands.bench:run_bench")
 
     # -- simulate / tune / plan --------------------------------------------------------------
     def add_sim_args(p: argparse.ArgumentParser, profile_type: Callable[[str], str] = str) -> None:
@@ -204,17 +206,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", type=policy_name, help="repeatable; default: every policy")
     p.add_argument("--request-rate", type=request_rate, default=2.0)
     p.add_argument("--burstiness", type=positive_float, default=1.0)
-    p.set_defaults(handler="nexus_tune.simulate:run_simulate")
+    p.set_defaults(handler="nexus_tune.commands.simulate:run_simulate")
 
     p = sub.add_parser("tune", help="search the controller's knobs with optuna; write them into the profile")
     add_sim_args(p, profile_type=output_file)  # written at the end: checked before the search
     p.add_argument("--trials", type=positive_int, default=40)
-    p.set_defaults(handler="nexus_tune.tune:run_tune")
+    p.set_defaults(handler="nexus_tune.commands.tune:run_tune")
 
     p = sub.add_parser("plan", help="capacity per policy under your SLOs, from a saved profile")
     add_sim_args(p)
     p.add_argument("--plot", type=output_file, default="plan.png", help="latency against rate per policy (PNG)")
-    p.set_defaults(handler="nexus_tune.plan:run_plan")
+    p.set_defaults(handler="nexus_tune.commands.plan:run_plan")
     return parser
 
 

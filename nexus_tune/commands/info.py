@@ -6,8 +6,8 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from nexus_tune.device import DeviceInfo, identify, software_versions
-from nexus_tune.partition import GREEN_CONTEXTS, SplitTable
+from nexus_tune.core.device import DeviceInfo, identify, software_versions
+from nexus_tune.core.partition import GREEN_CONTEXTS, SplitTable
 
 
 def _device_table(dev: DeviceInfo) -> Table:

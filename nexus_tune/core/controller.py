@@ -41,10 +41,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Protocol
 
-from nexus_tune.overhead import StepOverhead, StepTimes
+from nexus_tune.core.overhead import StepOverhead, StepTimes
 
 if TYPE_CHECKING:
-    from nexus_tune.latency_model import LatencyModel
+    from nexus_tune.core.latency_model import LatencyModel
 
 MODES = ("paper", "slo")
 DEFAULT_SLOS = {"ttft": 3000.0, "tpot": 50.0}
@@ -147,7 +147,7 @@ class ControllerKnobs:
 
 
 class KnobSource(Protocol):
-    """What `ControllerKnobs.for_profile` reads of a profile (nexus_tune.profile.Profile)."""
+    """What `ControllerKnobs.for_profile` reads of a profile (nexus_tune.core.profile.Profile)."""
 
     tuned_knobs: dict | None
     latency_model: LatencyModel

@@ -4,7 +4,7 @@
     nexus-tune calibrate --profile P --from-runs DIR [...]  # anywhere: fit saved engine runs
 
 The profile times kernels alone; a running engine also builds inputs, samples, hands tokens back
-and schedules (nexus_tune/overhead.py). On the GPU this replays the workload (Poisson arrivals,
+and schedules (nexus_tune/core/overhead.py). On the GPU this replays the workload (Poisson arrivals,
 greedy, random weights) through one engine per loop family: `chunked` (the mixed loop),
 `prefill-first` (the single loop) and `nexus` (the two loops; static splits share them), at each
 --loads fraction of the prefill-only bound (the arrival rate at which the whole GPU would do
@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nexus_tune.overhead import StepOverhead, overhead_table
-from nexus_tune.profile import Profile
+from nexus_tune.core.overhead import StepOverhead, overhead_table
+from nexus_tune.core.profile import Profile
 
 RECORDS_FILE = "calibration-steps.json"
 
@@ -61,9 +61,9 @@ def measure_step_records(profile: Profile, model: str, args: Any, console: Any) 
 
     from engine.llm import EngineError
     from engine.loader import resolve_config
-    from nexus_tune.replay import PolicyEngine, capped_trace, make_prompts, probe_prompts, release_gpu
-    from nexus_tune.tune import prefill_bound
-    from nexus_tune.workload import make_trace
+    from nexus_tune.commands.replay import PolicyEngine, capped_trace, make_prompts, probe_prompts, release_gpu
+    from nexus_tune.commands.tune import prefill_bound
+    from nexus_tune.core.workload import make_trace
 
     import torch
 
@@ -114,8 +114,8 @@ def calibrate(profile: Profile, step_logs: list[list[dict[str, Any]]], min_steps
 def run_calibrate(args: Any) -> int:
     from rich.console import Console
 
-    from nexus_tune.cli import report_error
-    from nexus_tune.profile import ProfileError
+    from nexus_tune.commands.cli import report_error
+    from nexus_tune.core.profile import ProfileError
 
     console = Console()
     try:

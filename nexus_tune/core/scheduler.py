@@ -44,14 +44,14 @@ import threading
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from nexus_tune.block_manager import BlockManager, Fence
-from nexus_tune.controller import Controller, ControllerKnobs, LatencyPredictor, StepState
-from nexus_tune.sequence import Sequence, SequenceStatus
+from nexus_tune.core.block_manager import BlockManager, Fence
+from nexus_tune.core.engine_config import EngineConfig
+from nexus_tune.core.controller import Controller, ControllerKnobs, LatencyPredictor, StepState
+from nexus_tune.core.sequence import Sequence, SequenceStatus
 
 WAITING, PREFILLING, DECODING = SequenceStatus.WAITING, SequenceStatus.PREFILLING, SequenceStatus.DECODING
 FINISHED, ABORTED = SequenceStatus.FINISHED, SequenceStatus.ABORTED
 POLICIES = ("nexus", "chunked", "prefill-first", "static:N")
-MIXED_TOKEN_BUDGET = 8192  # vLLM's max_num_batched_tokens for the server on H100-class GPUs
 
 
 def parse_policy(policy: str) -> tuple[str, int | None]:
@@ -111,8 +111,9 @@ class MixedBatch:
 
 class Scheduler:
     def __init__(self, policy: str, block_manager: BlockManager, knobs: ControllerKnobs | None = None, *,
-                 max_num_seqs: int = 256, total_sms: int | None = None, split_sms: Iterable[int] = (),
-                 model: LatencyPredictor | None = None, mixed_token_budget: int = MIXED_TOKEN_BUDGET):
+                 max_num_seqs: int = EngineConfig.max_num_seqs, total_sms: int | None = None,
+                 split_sms: Iterable[int] = (), model: LatencyPredictor | None = None,
+                 mixed_token_budget: int = EngineConfig.mixed_token_budget):
         """`total_sms` and `split_sms` (pre-created splits, prefill SM counts) are needed by the two-loop
         policies; `model` (a LatencyModel) by `nexus`."""
         self.policy, self.static_sms = parse_policy(policy)

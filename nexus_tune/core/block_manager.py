@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from nexus_tune.sequence import Sequence
+from nexus_tune.core.engine_config import EngineConfig
+from nexus_tune.core.sequence import Sequence
 
 
 class Fence(Protocol):
@@ -17,7 +18,7 @@ class Fence(Protocol):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int = 16):
+    def __init__(self, num_blocks: int, block_size: int = EngineConfig.block_size):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks

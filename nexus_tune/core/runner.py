@@ -1,9 +1,10 @@
 """`PhaseRunner`: what the profiler needs from an engine to time real model steps.
 
-The profiler (nexus_tune) never imports the engine: the CLI builds an engine object that
-satisfies this protocol (engine.model_runner.ModelRunner) and hands it over. Each method
-prepares random inputs up front and returns a callable that runs one step on the stream it is
-given, so the timed region holds only the GPU work of that step.
+The protocol lives in the core; the engine implements it (engine.model_runner.ModelRunner) and
+the profiler (nexus_tune/commands/profiler.py) drives it. Each method prepares random inputs up
+front and returns a callable that runs one step on the stream it is given, so the timed region
+holds only the GPU work of that step. `part` is one of latency_model.PARTS: the whole step, only
+the attention kernels (+ KV writes) of every layer, or only the rest.
 """
 from __future__ import annotations
 
@@ -12,10 +13,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
-
-# Operator classes: the whole step, only the attention kernels (+ KV writes) of every layer,
-# or only the rest (embedding, norms, projections, RoPE, MLP, LM head).
-PARTS = ("all", "attention", "dense")
 
 Step = Callable[[Any], None]  # called with a torch.cuda.Stream (None on a CPU)
 
