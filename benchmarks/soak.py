@@ -38,7 +38,7 @@ After the last send it waits up to --drain-timeout for every answer, then until 
 reads /metrics and /health, and finally sends SIGTERM. Checks (exit 1 when any fails, 2 when the
 server never came up): no request lost (sent, not cut by us, never fully answered), no 5xx but 503,
 no broken 200 (an error event, a stream without [DONE]), every answer as its kind expects, every KV
-block free again (`nexus_kv_free_blocks` back at its idle value, `nexus_kv_cache_usage_perc` 0),
+block free again (`nexus_kv_free_blocks` equal to `nexus_kv_total_blocks`, `nexus_kv_cache_usage_perc` 0),
 the server's own counts of 503s and finished requests matching the client's, /health 200, the process
 alive, and its graceful exit (uvicorn's shutdown logged, code 0 or -SIGTERM, which uvicorn re-raises)
 within --shutdown-timeout plus the server's abort grace. A table is printed; `soak.json` (every count,
@@ -92,7 +92,7 @@ CONTEXT_MARGIN = 64  # tokens a normal request leaves free: the prompt writer's 
 FILLER_ID = 100  # a token id inside every vocabulary here (the tiny presets have 384)
 HEALTH_POLL_S = 0.5
 EXIT_SLACK_S = 10.0  # beyond the drain and abort grace: uvicorn's and the engine's own shutdown
-FREE_BLOCKS, KV_USAGE = "nexus_kv_free_blocks", "nexus_kv_cache_usage_perc"
+FREE_BLOCKS, TOTAL_BLOCKS, KV_USAGE = "nexus_kv_free_blocks", "nexus_kv_total_blocks", "nexus_kv_cache_usage_perc"
 # /metrics gauges that are all 0 once the server has nothing left to do (then KV_USAGE too).
 IDLE_GAUGES = ("nexus_num_requests_running", "nexus_num_requests_waiting", "nexus_server_pending_requests")
 GRACEFUL_EXIT_LINE = "Finished server process"  # uvicorn's last log line after its shutdown ran
@@ -507,11 +507,11 @@ def _delta(report: dict, key: str) -> float:
 
 
 def _kv_check(report: dict) -> tuple[bool, str]:
-    idle_free, free = report["metrics_before"].get(FREE_BLOCKS), report["metrics_after"].get(FREE_BLOCKS)
-    usage = report["metrics_after"].get(KV_USAGE)
-    if None in (idle_free, free, usage):
-        return False, f"/metrics lacks {FREE_BLOCKS} or {KV_USAGE}"
-    return free == idle_free and usage == 0.0, f"{free:.0f} free of {idle_free:.0f}, usage {usage:.4f}"
+    after = report["metrics_after"]
+    free, total, usage = after.get(FREE_BLOCKS), after.get(TOTAL_BLOCKS), after.get(KV_USAGE)
+    if None in (free, total, usage):
+        return False, f"/metrics lacks {FREE_BLOCKS}, {TOTAL_BLOCKS} or {KV_USAGE}"
+    return free == total and usage == 0.0, f"{free:.0f} free of {total:.0f}, usage {usage:.4f}"
 
 
 def _finished_delta(report: dict) -> float:

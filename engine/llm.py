@@ -440,12 +440,16 @@ class EngineCore:
         return self.scheduler.abort(request_id) or known
 
     def stats(self) -> dict[str, Any]:
+        """Queue and KV state, the split, and under nexus the controller's last decision explained
+        (its predicted step times, the TBT allowance, the recent decode cycle: Controller.explain)."""
         s = self.scheduler.stats()
+        controller = self.scheduler.controller
         return {"running": s["num_prefilling"] + s["num_decoding"], "waiting": s["num_waiting"],
-                "kv_usage": s["kv_usage"], "free_blocks": s["free_blocks"],
+                "kv_usage": s["kv_usage"], "free_blocks": s["free_blocks"], "total_blocks": self.scheduler.bm.num_blocks,
                 "prefill_sms": s["split"] if self.scheduler.two_loops else None,
                 "split_switches": self.ctx.split_switches, "num_preemptions": s["num_preemptions"],
-                "failed": None if self.failure is None else f"{type(self.failure).__name__}: {self.failure}"}
+                "failed": None if self.failure is None else f"{type(self.failure).__name__}: {self.failure}",
+                **(controller.explain() if controller is not None else {})}
 
     def step_records(self) -> list[StepRecord]:
         """Every step so far (needs step_log=True)."""

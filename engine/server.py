@@ -318,7 +318,13 @@ class _EngineCollector:
         "waiting": ("nexus_num_requests_waiting", "Requests the engine has queued for prefill."),
         "kv_usage": ("nexus_kv_cache_usage_perc", "Share of KV blocks in use (0 to 1)."),
         "free_blocks": ("nexus_kv_free_blocks", "Free KV cache blocks."),
+        "total_blocks": ("nexus_kv_total_blocks", "KV cache blocks in all."),
         "prefill_sms": ("nexus_prefill_sms", "SMs of the current split given to prefill."),
+        # nexus: the controller's last decision explained (Controller.explain)
+        "predicted_prefill_ms": ("nexus_predicted_prefill_step_ms", "Predicted prefill step at the current split."),
+        "predicted_decode_ms": ("nexus_predicted_decode_step_ms", "Predicted decode step at the current split."),
+        "tbt_allowance_ms": ("nexus_tbt_allowance_ms", "Decode step time the controller allows (slo mode)."),
+        "recent_decode_ms": ("nexus_observed_decode_step_ms", "Recent mean decode step cycle, as measured."),
     }
     COUNTERS = {
         "split_switches": ("nexus_split_switches", "Changes of the prefill/decode split."),

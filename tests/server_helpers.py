@@ -123,8 +123,8 @@ class FakeEngine:
     def stats(self) -> dict:
         used = sum(self.blocks.values())
         return {"running": len(self.blocks), "waiting": 0, "kv_usage": used / self.num_blocks,
-                "free_blocks": self.num_blocks - used, "prefill_sms": None, "split_switches": 3,
-                "failed": self.failed}
+                "free_blocks": self.num_blocks - used, "total_blocks": self.num_blocks, "prefill_sms": None,
+                "split_switches": 3, "failed": self.failed}
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -302,3 +302,15 @@ def test_policies_on_real_splits_match_sequential_greedy_on_a_gpu(policy, profil
             assert any(s.kind == "decode" and s.sms < llm.core.placement.total_sms for s in steps)
         assert llm.core.graph_report, "graphs were captured"
         assert_all_blocks_free(llm)
+
+
+def test_stats_explain_the_controllers_last_decision(profile, prompts):
+    """What /metrics shows of nexus (engine/server.py): the split, each side's predicted step, the TBT
+    allowance and the observed decode cycle; before the first decision too."""
+    llm = make_llm("nexus", profile, online_update=True, **SMALL_BUDGETS)
+    assert llm.stats()["total_blocks"] == llm.core.scheduler.bm.num_blocks
+    assert {"predicted_prefill_ms", "predicted_decode_ms", "recent_decode_ms"} <= set(llm.stats())
+    llm.generate(prompts, [greedy(n) for n in MAX_TOKENS])
+    stats = llm.stats()
+    assert stats["recent_decode_ms"] > 0 and stats["tbt_allowance_ms"] is not None
+    assert make_llm("chunked", profile).stats().keys().isdisjoint({"predicted_decode_ms"})
