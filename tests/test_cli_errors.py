@@ -84,6 +84,16 @@ CASES: list[tuple[str, str]] = [
     ("profile show {dir}/knobs_bad_mode.json", "controller mode 3"),
     ("profile show {P} --plot {P}/curves.png", "is a file, not a folder"),
     ("profile show {P} --plot {dir}", "is a folder, not a file"),
+    # -- profile check, profile refit
+    ("profile check", "the following arguments are required: path"),
+    ("profile check {dir}/missing.json", "no profile at"),
+    ("profile check {dir}/not_json.json", "not a readable profile"),
+    ("profile check {P} --folds 1", "is not a number of folds >= 2"),
+    ("profile check {P} --seed -1", "is not an integer >= 0"),
+    ("profile refit {dir}/missing.json", "no profile at"),
+    ("profile refit {P} --folds x", "is not a number of folds >= 2"),
+    ("profile refit {P} --attention-heads 0", NO_INT),
+    ("profile refit {P} --out {dir}", "is a folder, not a file"),
     # -- calibrate
     ("calibrate", "the following arguments are required: --profile"),
     ("calibrate --profile {dir}/missing.json --from-runs {dir}", "no profile at"),

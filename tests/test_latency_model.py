@@ -2,6 +2,7 @@
 correct online, round-trip as plain data."""
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_fit_of_measured_samples_predicts_sm_counts_it_never_saw(unseen_sms):
     measured = Profile.load(REPO / "profiles" / "h100-80gb-hbm3" / "llama-3.1-8b.json")
     held = [s for s in measured.samples if s.holdout or s.sms in unseen_sms[s.phase]]
     train = [s for s in measured.samples if not (s.holdout or s.sms in unseen_sms[s.phase])]
-    model = LatencyModel(measured.gpu["sm_count"], measured.split_sms).fit(train)
+    model = measured.latency_model.fresh().fit(train)  # set up as the profile's (its heads: waves)
     errors = model.errors(held)
     limits = {"prefill": 10.0, "decode": 5.0, "contention": 5.0}  # MAPE %; the profiler's target is 10
     assert set(errors) == set(limits) and min(e["n"] for e in errors.values()) >= 2, errors
@@ -178,6 +179,29 @@ def test_profiles_with_per_bucket_factors_load_without_them(truth):
     old = truth.to_dict() | {"update_rate": 0.1, "bucket_sms": 16, "corrections": {"prefill": {}, "decode": {"64": 1.4}}}
     model = LatencyModel.from_dict(old)
     assert model.predict_decode(8, 8192, 68) == truth.predict_decode(8, 8192, 68)
+
+
+def test_models_saved_before_waves_load_and_predict_as_then(truth):
+    old = truth.to_dict()
+    del old["attention_heads"]
+    for classes in old["classes"].values():
+        for op in classes.values():
+            del op["wave_programs"]
+    model = LatencyModel.from_dict(json.loads(json.dumps(old)))
+    assert model.attention_heads is None and model.fresh().attention_heads is None
+    for point in [("prefill", 512, 8192, 72), ("prefill", 2048, 0, TOTAL), ("decode", 8, 8192, 68)]:
+        assert model.predict(*point) == truth.predict(*point)
+
+
+def test_waves_quantize_the_prefix_share_of_prefill_attention():
+    """32 heads, two programs resident per SM: 16 programs per 64-token tile per SM. A 512-token chunk
+    (256 programs) takes two waves on 72 to 112 SMs and one on 132; over no prefix it does not quantize."""
+    op = OpClass([1.0, 0.0], 1.0, 1.0, [1e-9], 1.0, 1.0, 0.0, 0.0, 1.0, wave_programs=16.0)
+    per_sm = [op.waves(512, 1_000_000, s) / s for s in (72, 88, 104, 112)]  # compute time ~ waves / SMs
+    assert max(per_sm) == pytest.approx(min(per_sm), rel=0.01)
+    assert op.waves(512, 1_000_000, 132) / 132 == pytest.approx(per_sm[0] / 2, rel=0.02)
+    assert op.waves(512, 0, 72) == 1.0 and replace(op, wave_programs=0.0).waves(512, 8192, 72) == 1.0
+    assert op.waves(8192, 0, 100) == 1.0 and 1.0 < op.waves(512, 8192, 100) < 2.0
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])

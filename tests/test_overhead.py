@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from nexus_tune.core.overhead import StepOverhead, predicted_gpu_ms
+from nexus_tune.core.overhead import StepOverhead, predicted_gpu_ms, step_fidelity
 from nexus_tune.core.profile import Profile
 from nexus_tune.core.testing import synthetic_profile
 from nexus_tune.core.simulator import simulate
@@ -102,3 +102,47 @@ def test_the_simulator_pays_the_overhead_of_its_step_kind(policy, key):
     assert slower.summary({})["mean_tpot_ms"] > bare["mean_tpot_ms"] + 1.0
     other = simulate(replace(PROFILE, step_overhead=StepOverhead({"no/such": (3.0, 5.0, 1.0)})), trace, policy)
     assert other.summary({}) == bare
+
+
+def test_step_fidelity_scores_kernel_time_and_cycle_per_step_kind():
+    log = engine_log(1.2, 0.3, 0.05, gap=0.4, n=300)
+    fitted = StepOverhead().fit([log], MODEL)
+    fid = step_fidelity([log], MODEL, fitted)["decode/decode"]
+    assert fid["steps"] == 299 and fid["fitted"]
+    assert fid["cycle"]["median_pct"] < 1e-3 and fid["cycle"]["p90_pct"] < 1e-3 and fid["cycle"]["within_pct"] == 100
+    # Kernel time: the engine ran 1.2x the profile plus more per step: every step > 1/6 slower than predicted.
+    assert fid["kernel"]["bias_pct"] < -100 / 6 and fid["kernel"]["within_pct"] == 0
+    assert fid["kernel"]["median_pct"] == pytest.approx(-fid["kernel"]["bias_pct"])
+    bare = step_fidelity([log], MODEL)["decode/decode"]  # no overhead: the cycle is the kernel prediction
+    assert not bare["fitted"] and bare["cycle"]["median_pct"] > 100 / 6
+
+
+def test_step_fidelity_counts_the_share_within_the_bound():
+    log = engine_log(1.05, 0.0, 0.0, gap=0.0, n=100)  # every step 5% above the profile: 4.8% under-predicted
+    kernel = step_fidelity([log], MODEL)["decode/decode"]["kernel"]
+    assert kernel["median_pct"] == pytest.approx(100 * (1 - 1 / 1.05)) and kernel["within_pct"] == 100
+    assert step_fidelity([log], MODEL, within=0.04)["decode/decode"]["kernel"]["within_pct"] == 0
+
+
+def test_step_fidelity_benchmark_scores_the_second_half_of_each_run_with_split(tmp_path, capsys):
+    from benchmarks import step_fidelity as bench
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    logs = [engine_log(1.2, 0.3, 0.05, gap=0.4, n=200, seed=s) for s in (1, 2)]
+    record = {"kind": "calibration", "meta": {"model": PROFILE.model["name"]},
+              "runs": [{"policy": "nexus", "step_records": log} for log in logs]}
+    (runs / "steps.json").write_text(json.dumps(record))
+    first, second = bench.halves(logs[0])
+    assert first and second and max(r["start_ms"] for r in first) < min(r["start_ms"] for r in second)
+    assert len(first) + len(second) == len(logs[0])
+    profile = replace(PROFILE, step_overhead=StepOverhead({"decode/decode": (1.0, 0.0, 0.0)})).save(tmp_path / "p.json")
+    for extra, cycle_error in (([], "large"), (["--split"], "none")):
+        assert bench.main(["--profile", str(profile), "--runs", str(runs), "--out", str(tmp_path), *extra]) == 0
+        assert "decode/decode" in capsys.readouterr().out
+        kinds = json.loads(next(tmp_path.glob("step_fidelity_*.json")).read_text())["kinds"]
+        median = kinds["decode/decode"]["cycle"]["median_pct"]
+        # The profile's identity overhead misses the 1.2x law; fitted on the first halves, it holds on the second.
+        assert median > 10 if cycle_error == "large" else median < 1e-3
+        steps = kinds["decode/decode"]["steps"]
+        assert steps == 398 if not extra else 100 < steps < 300  # with --split: the second halves only

@@ -1,12 +1,16 @@
 """Profile files: round trip, every refusal with the command that makes the right file,
 synthetic profiles kept out of profiles/, and `nexus-tune profile show`."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from nexus_tune.commands.cli import main
+from nexus_tune.core.crossval import meets_targets
 from nexus_tune.core.device import DeviceInfo
+from nexus_tune.core.grid import split_samples
+from nexus_tune.core.overhead import StepOverhead
 from nexus_tune.core.profile import REPO_PROFILES, SCHEMA_VERSION, Profile, ProfileError, model_slug, profile_path
 from nexus_tune.core.testing import synthetic_profile
 
@@ -155,3 +159,51 @@ def test_show_refuses_a_bad_file_with_exit_code_2(tmp_path, capsys):
     assert main(["profile", "show", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "not a readable profile" in err and "nexus-tune profile --model bad" in err
+
+
+@pytest.fixture(scope="module")
+def calibrated(synthetic) -> Profile:
+    """The synthetic profile as a user's would be after `tune` and `calibrate`."""
+    overhead = StepOverhead({"decode/decode": (1.1, 0.5, 0.02)}, {"decode/decode": {"steps": 40}})
+    return replace(synthetic, tuned_knobs={"mode": "slo", "alpha": 1.2}, step_overhead=overhead)
+
+
+def test_refit_keeps_everything_but_the_model_and_its_errors(calibrated, tmp_path):
+    refitted = calibrated.refit(attention_heads=32, folds=2)
+    kept = ("gpu", "model", "granularity", "split_sms", "kv_capacity_tokens", "samples", "grid", "created",
+            "tuned_knobs", "step_overhead", "software", "backend", "synthetic")
+    assert all(getattr(refitted, k) == getattr(calibrated, k) for k in kept)
+    assert refitted.latency_model is not calibrated.latency_model and refitted.latency_model.attention_heads == 32
+    assert refitted.refitted and calibrated.refitted is None
+    _, held = split_samples(calibrated.samples)
+    assert refitted.fit_error == refitted.latency_model.errors(held)
+    cv = refitted.cross_validation
+    assert (cv["folds"], cv["seed"]) == (2, 0) and set(cv["groups"]) == {"prefill", "decode", "contention"}
+    path = refitted.save(tmp_path / "refitted.json")
+    again = Profile.load(path)
+    assert again.to_dict() == json.loads(json.dumps(refitted.to_dict()))
+    assert again.latency_model.predict_prefill(512, 8192, 72) == refitted.latency_model.predict_prefill(512, 8192, 72)
+
+
+def test_profiles_from_before_cross_validation_load(saved):
+    _rewrite(saved, lambda raw: [raw.pop(k) for k in ("cross_validation", "refitted")])
+    loaded = Profile.load(saved)
+    assert loaded.cross_validation is None and loaded.refitted is None
+
+
+def test_check_and_refit_commands_need_no_gpu(calibrated, tmp_path, capsys):
+    path = calibrated.save(tmp_path / "p.json")
+    out = tmp_path / "refitted.json"
+    assert main(["profile", "refit", str(path), "--folds", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "before -> after" in text and "step_overhead kept" in text and f"wrote {out}" in text.replace("\n", "")
+    refitted = Profile.load(out)
+    assert refitted.latency_model.attention_heads == 32  # llama-3.1-8b's, from the engine's preset
+    assert refitted.step_overhead == calibrated.step_overhead and refitted.tuned_knobs == calibrated.tuned_knobs
+    assert main(["profile", "show", str(out)]) == 0 and "Cross-validated error" in capsys.readouterr().out
+    # check cross-validates as the refit did (same model set-up, folds and seed): exit 1 when a group misses
+    assert main(["profile", "check", str(out), "--folds", "2"]) == (0 if meets_targets(refitted.cross_validation) else 1)
+    assert "cross-validated error (2-fold" in capsys.readouterr().out
+    assert main(["profile", "check", str(tmp_path / "missing.json")]) == 2
+    with pytest.raises(SystemExit):  # one fold trains on nothing: refused while parsing
+        main(["profile", "check", str(path), "--folds", "1"])

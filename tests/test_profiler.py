@@ -147,7 +147,11 @@ def test_quick_profile_of_a_small_model_on_a_gpu(tmp_path, capsys):
         assert e == pytest.approx(recomputed[phase]), phase
         assert e["n"] >= 1 and e["mape_pct"] < 20.0, (phase, e)
     assert not profile.grid["skipped"]
-    assert "Saturation" in capsys.readouterr().out
+    # and cross-validated over every point, with the model's heads (prefill attention's waves)
+    assert set(profile.cross_validation["groups"]) == {"prefill", "decode", "contention"}
+    assert profile.latency_model.attention_heads == get_preset(model).num_attention_heads
+    out = capsys.readouterr().out
+    assert "Saturation" in out and "Cross-validated error" in out
 
 
 def test_usable_splits_keep_two_minimum_partitions_on_the_remainder_side():

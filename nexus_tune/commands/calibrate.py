@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nexus_tune.core.overhead import StepOverhead, overhead_table
+from nexus_tune.core.overhead import StepOverhead, fidelity_table, overhead_table, step_fidelity
 from nexus_tune.core.profile import Profile
 
 RECORDS_FILE = "calibration-steps.json"
@@ -140,6 +140,8 @@ def run_calibrate(args: Any) -> int:
         return 2
     console.print(overhead_table(overhead, f"{profile.model['name']}: step cycle = scale x predicted + fixed + "
                                            f"per_seq x rows ({sum(map(len, logs))} steps; {source})"))
+    console.print(fidelity_table(step_fidelity(logs, profile.latency_model, overhead),
+                                 "Engine steps, predicted against measured (the steps just fitted)"))
     profile.step_overhead = overhead
     profile.save(args.profile)
     console.print(f"wrote step_overhead into {args.profile}; simulate, tune and plan now include it")

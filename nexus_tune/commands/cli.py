@@ -42,6 +42,7 @@ nonnegative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _bounded(float, lambda v: 0 < v < math.inf, "a positive, finite number")
 nonnegative_float = _bounded(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 request_rate = _bounded(float, lambda v: v > 0, "a positive number of requests per second (inf: all at once)")
+fold_count = _bounded(int, lambda v: v >= 2, "a number of folds >= 2")
 fraction = _bounded(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 tcp_port = _bounded(int, lambda v: 1 <= v <= 65535, "a TCP port (1..65535)")
 _DEVICE = r"cpu|cuda(:\d+)?"
@@ -127,6 +128,23 @@ def _build_parser() -> argparse.ArgumentParser:
     ps.add_argument("path", help="a profile JSON file")
     ps.add_argument("--plot", type=output_file, help="write the latency-vs-SMs figure to this PNG")
     ps.set_defaults(handler="nexus_tune.commands.profile_view:run_show")
+
+    def add_cv_args(ps: argparse.ArgumentParser) -> None:
+        ps.add_argument("path", help="a profile JSON file")
+        ps.add_argument("--folds", type=fold_count, help="cross-validation folds (default 5: nexus_tune/core/crossval.py)")
+        ps.add_argument("--seed", type=nonnegative_int, help="seed of the folds' random deal (default 0)")
+
+    ps = profile_sub.add_parser("check", help="cross-validated error of a saved profile's latency model, no GPU "
+                                              "(exit 1 when a phase misses the targets)")
+    add_cv_args(ps)
+    ps.set_defaults(handler="nexus_tune.commands.profile_view:run_check")
+    ps = profile_sub.add_parser("refit", help="refit a saved profile's latency model from its samples, no GPU; "
+                                              "keeps everything else")
+    add_cv_args(ps)
+    ps.add_argument("--out", type=output_file, help="write the refitted profile here (default: in place)")
+    ps.add_argument("--attention-heads", type=positive_int,
+                    help="the model's query heads (default: the profile's, else its preset's or checkpoint's)")
+    ps.set_defaults(handler="nexus_tune.commands.profile_view:run_refit")
 
     # -- calibrate -------------------------------------------------------------------------
     p = sub.add_parser("calibrate", help="fit the engine's per-step overhead into a profile (simulate, tune, plan use it)")

@@ -1,11 +1,15 @@
-"""A profile as tables (fit error, saturation, operator classes, step overhead) and as a plot of
-latency against SMs: `nexus-tune profile show`, and the summary `nexus-tune profile` prints.
+"""A profile as tables (fit error, cross-validation, saturation, operator classes, step overhead) and
+as a plot of latency against SMs: `nexus-tune profile show`, the summary `nexus-tune profile` prints;
+`nexus-tune profile check` (cross-validated error) and `nexus-tune profile refit` (a new fit from
+the stored samples), both without a GPU.
 """
 from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
 import numpy as np
+from nexus_tune.core.crossval import (FOLDS, GROUPS, SEED, TARGET_MAPE_PCT, TARGET_WORST_PCT, cross_validate,
+                                      describe_point, meets_targets)
 from nexus_tune.core.latency_model import PHASES, LatencyModel
 from nexus_tune.core.overhead import overhead_table
 from nexus_tune.core.profile import Profile, ProfileError
@@ -56,14 +60,16 @@ def summary_tables(profile: Profile) -> list[Any]:
         ("grid", ", ".join(f"{k} {v}" for k, v in profile.grid.items() if not isinstance(v, (list, dict)))),
         ("software", ", ".join(f"{k} {v}" for k, v in profile.software.items() if v)),
         ("tuned knobs", json.dumps(profile.tuned_knobs) if profile.tuned_knobs else "none"),
+        ("model refitted", profile.refitted or "no (as profiled)"),
     ]:
         info.add_row(key, value)
 
-    err = Table(title="Fit error on held-out points")
+    err = Table(title="Fit error on held-out points (the profiler's)")
     for col in ("phase", "MAPE %", "max %", "points"):
         err.add_column(col, justify="right" if col != "phase" else "left")
     for phase, e in profile.fit_error.items():
         err.add_row(phase, f"{e['mape_pct']:.1f}", f"{e['max_pct']:.1f}", str(e["n"]))
+    tables = [info, err] + ([cv_table(profile.cross_validation)] if profile.cross_validation else [])
 
     sat = Table(title="Saturation: fewest SMs within 5% of the whole GPU, and of the phase's largest partition")
     for col in ("phase", "size", "KV", "whole GPU ms", "SMs", "largest side ms", "SMs "):
@@ -81,12 +87,46 @@ def summary_tables(profile: Profile) -> list[Any]:
         for cls, p in m.classes_[phase].items():
             par.add_row(phase, cls, f"{p.r_sat:.3f}", f"{p.decay:.2f}", f"{p.mem_r_sat:.3f}", f"{p.mem_decay:.2f}",
                         f"{p.whole:.3f}", f"{p.t0_ms:.3f}", f"{p.launch_ms:.3f}")
-    par.caption = "contention " + ", ".join(f"{k} {v:.3g}" for k, v in m.contention_.items())
-    if profile.step_overhead is None:
-        return [info, err, sat, par]
-    steps = overhead_table(profile.step_overhead, "Engine step overhead: cycle = scale x predicted + fixed + "
-                                                  "per_seq x rows (the simulator adds it)")
-    return [info, err, sat, par, steps]
+    waves = {f"{ph} {c}": p.wave_programs for ph in PHASES for c, p in m.classes_[ph].items() if p.wave_programs}
+    par.caption = "contention " + ", ".join(f"{k} {v:.3g}" for k, v in m.contention_.items()) + "; waves " + (
+        ", ".join(f"{k} {v:g} programs per tile per SM" for k, v in waves.items()) or "none")
+    tables += [sat, par]
+    if profile.step_overhead is not None:
+        tables.append(overhead_table(profile.step_overhead, "Engine step overhead: cycle = scale x predicted + fixed "
+                                                            "+ per_seq x rows (the simulator adds it)"))
+    return tables
+
+
+def cv_table(summary: dict[str, Any], title: str = "Cross-validated error") -> Any:
+    """A rich table of a cross-validation summary (crossval.CrossValidation.summary()): per group the
+    MAPE and the worst held-out point, marked where they miss the targets."""
+    from rich.table import Table
+
+    table = Table(title=f"{title} ({summary['folds']}-fold, seed {summary['seed']}; every point held out once)")
+    for col in ("group", "points", "MAPE %", "worst %", "worst point (measured -> predicted ms)"):
+        table.add_column(col, justify="left" if col.startswith(("group", "worst point")) else "right")
+    for group, g in summary["groups"].items():
+        w = g["worst"]
+        mape = f"{g['mape_pct']:.2f}" if g["mape_pct"] <= TARGET_MAPE_PCT else f"[yellow]{g['mape_pct']:.2f}[/]"
+        worst = f"{w['error_pct']:+.1f}" if g["max_pct"] <= TARGET_WORST_PCT else f"[yellow]{w['error_pct']:+.1f}[/]"
+        table.add_row(group, str(g["n"]), mape, worst, f"{describe_point(w)} ({w['ms']:.2f} -> {w['predicted_ms']:.2f})")
+    table.caption = f"targets: MAPE <= {TARGET_MAPE_PCT:g}% and worst <= {TARGET_WORST_PCT:g}% per group"
+    return table
+
+
+def cv_comparison(before: dict[str, Any], after: dict[str, Any]) -> Any:
+    """Before and after a refit, group by group: MAPE and worst point."""
+    from rich.table import Table
+
+    table = Table(title="Cross-validated error before -> after the refit")
+    for col in ("group", "MAPE %", "worst %", "worst point after"):
+        table.add_column(col, justify="left" if col in ("group", "worst point after") else "right")
+    for group in GROUPS:
+        if group in before["groups"] and group in after["groups"]:
+            b, a = before["groups"][group], after["groups"][group]
+            table.add_row(group, f"{b['mape_pct']:.2f} -> {a['mape_pct']:.2f}", f"{b['max_pct']:.1f} -> {a['max_pct']:.1f}",
+                          describe_point(a["worst"]))
+    return table
 
 
 def plot_profile(profile: Profile, path: str | Path) -> Path:
@@ -123,16 +163,82 @@ def plot_profile(profile: Profile, path: str | Path) -> Path:
     return path
 
 
+def _load(path: str) -> Profile | None:
+    """The profile, or None after reporting why it cannot be read."""
+    from nexus_tune.commands.cli import report_error
+
+    try:
+        return Profile.load(path)
+    except ProfileError as e:
+        report_error(str(e))
+        return None
+
+
+def _cv_settings(args: Any) -> tuple[int, int]:
+    """--folds and --seed, the library's defaults where not given."""
+    return args.folds or FOLDS, SEED if args.seed is None else args.seed
+
+
+def run_check(args: Any) -> int:
+    """Cross-validate the profile's model (as set up: heads) on its samples; 1 when a group misses the targets."""
+    from rich.console import Console
+
+    profile = _load(args.path)
+    if profile is None:
+        return 2
+    folds, seed = _cv_settings(args)
+    summary = cross_validate(profile.samples, profile.latency_model, folds, seed).summary()
+    Console().print(cv_table(summary, f"{profile.model['name']} on {profile.gpu['slug']}: cross-validated error"))
+    return 0 if meets_targets(summary) else 1
+
+
+def model_heads(profile: Profile) -> int | None:
+    """The profile's model's query heads: its latency model's, else the engine's preset or checkpoint
+    config of that name (None when neither is known here)."""
+    if profile.latency_model.attention_heads:
+        return profile.latency_model.attention_heads
+    from engine.config import PRESETS, ConfigError, ModelConfig, get_preset
+
+    name = profile.model["name"]
+    try:
+        if name in PRESETS:
+            return get_preset(name).num_attention_heads
+        return ModelConfig.from_pretrained(name).num_attention_heads if Path(name).is_dir() else None
+    except (ConfigError, OSError, ValueError):
+        return None
+
+
+def run_refit(args: Any) -> int:
+    """Refit the latency model from the stored samples; write the profile (to --out, else in place)."""
+    from rich.console import Console
+
+    console = Console()
+    profile = _load(args.path)
+    if profile is None:
+        return 2
+    folds, seed = _cv_settings(args)
+    stored = profile.cross_validation
+    before = (stored if stored and (stored["folds"], stored["seed"]) == (folds, seed)
+              else cross_validate(profile.samples, profile.latency_model, folds, seed).summary())
+    heads = args.attention_heads or model_heads(profile)
+    refitted = profile.refit(heads, folds, seed)
+    console.print(cv_comparison(before, refitted.cross_validation))
+    console.print(cv_table(refitted.cross_validation, "After the refit"))
+    if not heads:
+        console.print("[yellow]the model's query heads are unknown here (--attention-heads N): fitted without waves[/]")
+    if profile.step_overhead is not None:
+        console.print("step_overhead kept as fitted against the previous model; to refit it on the new one: "
+                      "nexus-tune calibrate --profile FILE --from-runs DIR")
+    console.print(f"wrote {refitted.save(args.out or args.path)}")
+    return 0
+
+
 def run_show(args: Any) -> int:
     from rich.console import Console
 
-    from nexus_tune.commands.cli import report_error
-
     console = Console()
-    try:
-        profile = Profile.load(args.path)
-    except ProfileError as e:
-        report_error(str(e))
+    profile = _load(args.path)
+    if profile is None:
         return 2
     for table in summary_tables(profile):
         console.print(table)

@@ -5,7 +5,7 @@ larger of a compute time and a memory time (a smooth max, so the fit has gradien
 sides of the roofline knee), plus a fixed GPU time that SMs do not shorten (t0: per-kernel
 latency):
 
-    compute = sum_i a_i * phi_i(size, kv) / share(r; r_sat, decay)
+    compute = sum_i a_i * phi_i(size, kv) * waves / share(r; r_sat, decay)
     memory  = sum_j b_j * psi_j(size, kv) / share(r; mem_r_sat, mem_decay) * stretch
     gpu     = t0 + smoothmax(compute, memory) (* whole on the whole GPU)
     step    = smoothmax(launch, gpu)
@@ -18,6 +18,14 @@ the two overlap (a max), not add up. Decode runs as a CUDA graph: its launch is 
 above, each extra SM is worth exp(-decay * (r - r_sat)) of one below it, so the curve
 approaches r_sat + 1/decay. The whole GPU (sms == total_sms, no partition) gets its own factor
 `whole`: cuBLAS picks kernels for the whole chip and a partition loses more than its SM share.
+
+`waves` (prefill attention, when the model's query heads are known; else 1): the kernel runs one
+program per (64-token query tile, head), g of them per tile per SM's resident slots, so a step
+takes ceil(x) waves where x = ceil(P_T / 64) * g / sms, and SMs short of another whole wave do
+not help. Only the prefix's share of the work, KV_p / (KV_p + P_T/2), quantizes (the causal part
+differs by tile and the heaviest-first order packs it):
+
+    waves = 1 + (ceil(x) / x - 1) * KV_p / (KV_p + P_T / 2)
 
 Contention: a prefill running on the other SMs stretches decode's memory time by
 1 + sum_k gamma_k * u_k over the bandwidth the prefill draws, as work per ms of prefill step:
@@ -46,7 +54,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +74,16 @@ _DECAY_BOUNDS = (1e-3, 60.0)
 _LOG_COEF_BOUNDS = (-25.0, 12.0)
 _LOG_WHOLE_BOUNDS = (math.log(0.5), math.log(2.0))
 _CONTENTION_TERMS = ("base", "weights", "activations", "attention")
+# Prefill attention's waves (module docstring; H200, llama-3.1-8b: a 512-token chunk over 8192 KV takes
+# 12.4-13.0 ms of attention on 72 to 112 SMs, two waves, and 7.4 on 132, one). WAVE_TILE is the engine
+# kernel's query tile (engine/kernels/prefill_attention.py). With the model's query heads known, the fit
+# tries each count of programs resident per SM and keeps the best if it beats no waves; without them it
+# fits none: searched freely, a wave size 3% off fitted as well on the H200 grid and put held-out points
+# at the steps' edges a wave off (28% wrong). Decode attention sizes its grid by the SM count and the
+# GEMMs are sized by cuBLAS for their side: no waves there.
+WAVE_TILE = 64
+WAVE_CLASSES = {("prefill", "attention")}
+RESIDENT_PROGRAMS = (1, 2, 3, 4)
 # Online correction. Each observation's weight decays by 1 - 1/CORRECTION_MEMORY per later one of its
 # phase (decode: about a second of steps; prefill: several seconds). Damping pulls each term
 # (scale, fixed, per size) toward no correction by this share of its own evidence: a term the
@@ -109,6 +127,16 @@ class Sample:
         """What was measured (not the result): held-out and training keys must not meet."""
         return (self.phase, self.part, self.size, self.kv, self.sms, self.prefill_tokens, self.prefill_kv)
 
+    @property
+    def point(self) -> tuple:
+        """The configuration measured, whatever the part: a point's parts are held out together."""
+        return (self.phase, self.size, self.kv, self.sms, self.prefill_tokens, self.prefill_kv)
+
+    @property
+    def group(self) -> str:
+        """Where a whole-step error is reported: the phase, or contention for decode beside a prefill."""
+        return "contention" if self.prefill_tokens else self.phase
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -151,6 +179,7 @@ class _Scalar:
     """The numpy functions the formulas use, for plain floats (numpy scalars are 10x slower)."""
 
     exp = staticmethod(math.exp)
+    ceil = staticmethod(math.ceil)
     minimum = staticmethod(min)
     maximum = staticmethod(max)
 
@@ -188,10 +217,21 @@ class OpClass:
     t0_ms: float  # fixed GPU time, independent of the SM count
     launch_ms: float  # CPU time to launch the class's kernels (overlaps the GPU time)
     whole: float  # factor on the whole GPU stream against the partition curve
+    wave_programs: float = 0.0  # programs per WAVE_TILE tokens per SM's slots (WAVE_CLASSES); 0: no waves
 
-    def gpu_ms(self, feats: tuple[list, list], r: Any, whole: Any, stretch: Any = 1.0, xp: Any = _Scalar) -> Any:
+    def waves(self, size: Any, kv: Any, sms: Any, xp: Any = _Scalar) -> Any:
+        """Compute time in whole waves of programs over the time of the same work spread evenly.
+        Only the prefix's share of the work quantizes: the causal part differs from tile to tile and
+        the heaviest-first tile order packs it."""
+        if not self.wave_programs:
+            return 1.0
+        waves = xp.ceil(size / WAVE_TILE) * self.wave_programs / sms
+        return 1.0 + (xp.ceil(waves - 1e-9) / waves - 1.0) * kv / (kv + size / 2)
+
+    def gpu_ms(self, feats: tuple[list, list], r: Any, whole: Any, stretch: Any = 1.0, xp: Any = _Scalar,
+               waves: Any = 1.0) -> Any:
         phi, psi = feats  # map(mul): the controller calls this on every step, a generator costs 2x
-        comp = sum(map(operator.mul, self.compute, phi)) / share(r, self.r_sat, self.decay, xp)
+        comp = sum(map(operator.mul, self.compute, phi)) * waves / share(r, self.r_sat, self.decay, xp)
         mem = sum(map(operator.mul, self.memory, psi)) / share(r, self.mem_r_sat, self.mem_decay, xp)
         return self.t0_ms + _smooth_max(comp, mem * stretch) * (1.0 + (self.whole - 1.0) * whole)
 
@@ -201,6 +241,7 @@ class _Layout:
     """Where each OpClass parameter sits in the least-squares vector of one phase."""
 
     phase: str
+    wave_programs: dict[str, float] = field(default_factory=dict)  # fixed during a fit (a discrete choice)
     n_comp: dict[str, int] = field(default_factory=dict)
     n_mem: dict[str, int] = field(default_factory=dict)
 
@@ -228,7 +269,7 @@ class _Layout:
             mem = [math.exp(v) for v in x[i + 2 : i + 2 + nm]]
             i += 2 + nm
             classes[c] = OpClass(comp, float(r_sat), float(decay), mem, float(x[i]), float(x[i + 1]),
-                                 float(x[i + 2]), float(x[i + 3]), math.exp(x[i + 4]))
+                                 float(x[i + 2]), float(x[i + 3]), math.exp(x[i + 4]), self.wave_programs.get(c, 0.0))
             i += 5
         return classes, float(x[i])
 
@@ -249,6 +290,9 @@ class _Batch:
     """The samples of one phase as arrays, for vectorized evaluation during the fit."""
 
     feats: dict[str, tuple[list, list]]
+    size: np.ndarray
+    kv: np.ndarray
+    sms: np.ndarray
     r: np.ndarray
     whole: np.ndarray
     part: np.ndarray
@@ -261,6 +305,7 @@ class _Batch:
         sms = np.array([s.sms for s in samples], dtype=float)
         return cls(
             feats={c: FEATURES[(phase, c)](size, kv) for c in CLASSES},
+            size=size, kv=kv, sms=sms,
             r=sms / total_sms,
             whole=(sms >= total_sms).astype(float),
             part=np.array([s.part for s in samples]),
@@ -268,7 +313,8 @@ class _Batch:
         )
 
     def predict(self, classes: dict[str, OpClass], overhead: float) -> np.ndarray:
-        gpu = {c: classes[c].gpu_ms(self.feats[c], self.r, self.whole, xp=np) for c in CLASSES}
+        gpu = {c: classes[c].gpu_ms(self.feats[c], self.r, self.whole, xp=np,
+                                    waves=classes[c].waves(self.size, self.kv, self.sms, np)) for c in CLASSES}
         t = {c: _step(classes[c].launch_ms, gpu[c]) for c in CLASSES}
         everything = _phase_step(classes, overhead, gpu)
         dense_or_all = np.where(self.part == "dense", t["dense"], everything)
@@ -310,24 +356,34 @@ def _initial_classes(batch: _Batch, start: tuple[float, ...]) -> tuple[dict[str,
     return classes, float(coef[-1])
 
 
-def _fit_phase(phase: str, samples: Sequence[Sample], total_sms: int) -> tuple[dict[str, OpClass], float]:
+def _fit_phase(phase: str, samples: Sequence[Sample], total_sms: int,
+               attention_heads: int | None = None) -> tuple[dict[str, OpClass], float]:
     batch = _Batch.of(phase, samples, total_sms)
     layout = _Layout(phase)
     lo, hi = layout.bounds()
     log_ms = np.log(batch.ms)
 
-    def residuals(x: np.ndarray) -> np.ndarray:
-        return np.log(batch.predict(*layout.unpack(x))) - log_ms
+    def solve(layout: _Layout, x0: np.ndarray, max_nfev: int) -> Any:
+        def residuals(x: np.ndarray) -> np.ndarray:
+            return np.log(batch.predict(*layout.unpack(x))) - log_ms
 
-    def solve(x0: np.ndarray, max_nfev: int) -> Any:
         # soft_l1 at 5%: one disturbed measurement must not bend the whole curve.
         return least_squares(residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, x_scale="jac",
                              max_nfev=max_nfev)
 
     # A short run from every start, then the best one run to convergence: some starts crawl.
-    tries = [solve(np.clip(layout.pack(*_initial_classes(batch, s)), lo, hi), _SCOUT_NFEV) for s in _STARTS]
-    best = min(tries, key=lambda r: r.cost)
-    return layout.unpack(solve(best.x, _POLISH_NFEV).x)
+    tries = [solve(layout, np.clip(layout.pack(*_initial_classes(batch, s)), lo, hi), _SCOUT_NFEV) for s in _STARTS]
+    best = solve(layout, min(tries, key=lambda r: r.cost).x, _POLISH_NFEV)
+    # Waves are a discrete choice: a short refit from the smooth fit per candidate, the best one run to
+    # convergence and kept if it fits better than no waves.
+    for cls in (c for c in CLASSES if (phase, c) in WAVE_CLASSES and attention_heads):
+        waved = [replace(layout, wave_programs={cls: attention_heads / n}) for n in RESIDENT_PROGRAMS]
+        tries = [(solve(w, best.x, _SCOUT_NFEV), w) for w in waved]
+        scout, chosen = min(tries, key=lambda t: t[0].cost)
+        again = solve(chosen, scout.x, _POLISH_NFEV)
+        if again.cost < best.cost:
+            best, layout = again, chosen
+    return layout.unpack(best.x)
 
 
 def _solve3(a: list[list[float]], b: list[float]) -> tuple[float, float, float]:
@@ -386,22 +442,35 @@ class Correction:
                    [float(v) for v in d["moment"]])
 
 
+def error_stats(relative: Sequence[float]) -> dict[str, float]:
+    """MAPE, largest error (both %) and count of relative errors |predicted - measured| / measured."""
+    return {"mape_pct": 100 * float(np.mean(relative)), "max_pct": 100 * float(np.max(relative)), "n": len(relative)}
+
+
 class LatencyModel:
     """Predicts prefill and decode step latency (ms) from work and SM count; sklearn-style `fit`."""
 
-    def __init__(self, total_sms: int, split_sms: Sequence[int] | None = None):
+    def __init__(self, total_sms: int, split_sms: Sequence[int] | None = None, attention_heads: int | None = None):
         """split_sms: prefill SM counts of the splits the device allows (decode gets the rest);
-        saturation_sms searches those. None: every SM count."""
+        saturation_sms searches those. None: every SM count. attention_heads: the model's query
+        heads, which place prefill attention's waves (WAVE_CLASSES); None: a fit without waves."""
         if total_sms < 1:
             raise ValueError("total_sms must be >= 1")
+        if attention_heads is not None and attention_heads < 1:
+            raise ValueError(f"attention_heads must be >= 1 or None, not {attention_heads}")
         self.total_sms = int(total_sms)
         self.split_sms = sorted(int(p) for p in split_sms) if split_sms is not None else None
+        self.attention_heads = int(attention_heads) if attention_heads else None
         if self.split_sms and not 0 < self.split_sms[0] <= self.split_sms[-1] < self.total_sms:
             raise ValueError(f"split_sms must lie strictly between 0 and {total_sms}: {self.split_sms}")
         self.classes_: dict[str, dict[str, OpClass]] = {}
         self.overhead_ms_: dict[str, float] = {}
         self.contention_: dict[str, float] = dict.fromkeys(_CONTENTION_TERMS, 0.0)
         self.corrections_: dict[str, Correction] = {p: Correction() for p in PHASES}
+
+    def fresh(self) -> LatencyModel:
+        """An unfitted model set up as this one (GPU, splits, heads): what a refit or a fold fits."""
+        return LatencyModel(self.total_sms, self.split_sms, self.attention_heads)
 
     # -- fitting -------------------------------------------------------------------------------
     def fit(self, samples: Iterable[Sample]) -> LatencyModel:
@@ -411,7 +480,8 @@ class LatencyModel:
             solo = [s for s in samples if s.phase == phase and not s.prefill_tokens]
             if not solo:
                 raise ValueError(f"no {phase} samples to fit")
-            self.classes_[phase], self.overhead_ms_[phase] = _fit_phase(phase, solo, self.total_sms)
+            self.classes_[phase], self.overhead_ms_[phase] = _fit_phase(phase, solo, self.total_sms,
+                                                                        self.attention_heads)
         contended = [s for s in samples if s.prefill_tokens]
         self.contention_ = self._fit_contention(contended) if contended else dict.fromkeys(_CONTENTION_TERMS, 0.0)
         self.corrections_ = {p: Correction() for p in PHASES}
@@ -443,8 +513,9 @@ class LatencyModel:
             raise ValueError(f"a {phase} step needs size >= 1 and kv >= 0, not size {size!r} kv {kv!r}")
 
     def _gpu_ms(self, phase: str, cls: str, size: float, kv: float, sms: int, stretch: float = 1.0) -> float:
-        feats = FEATURES[(phase, cls)](size, kv)
-        return self.classes_[phase][cls].gpu_ms(feats, sms / self.total_sms, float(sms >= self.total_sms), stretch)
+        op = self.classes_[phase][cls]
+        return op.gpu_ms(FEATURES[(phase, cls)](size, kv), sms / self.total_sms, float(sms >= self.total_sms),
+                         stretch, waves=op.waves(size, kv, sms))
 
     def _base_ms(self, phase: str, size: float, kv: float, sms: int, stretch: float = 1.0) -> float:
         """The fitted curve alone, without online correction."""
@@ -552,25 +623,26 @@ class LatencyModel:
         return predicted
 
     # -- evaluation ----------------------------------------------------------------------------
+    def sample_ms(self, s: Sample) -> float:
+        """What the fitted curve (no online correction) predicts sample `s` measured: its part, beside its prefill."""
+        if s.part != "all":
+            return self.predict_part(s.phase, s.part, s.size, s.kv, s.sms)
+        return self.curve_ms(s.phase, s.size, s.kv, s.sms, s.prefill_tokens, s.prefill_kv)
+
     def errors(self, samples: Iterable[Sample]) -> dict[str, dict[str, float]]:
         """Relative error of whole-step predictions (part "all"): per phase, and decode under contention."""
         groups: dict[str, list[float]] = {}
         for s in samples:
-            if s.part != "all":
-                continue
-            kw = {"prefill_tokens": s.prefill_tokens, "prefill_kv": s.prefill_kv} if s.phase == "decode" else {}
-            stretch = self._stretch(s.sms, **kw) if kw else 1.0
-            pred = self._base_ms(s.phase, s.size, s.kv, s.sms, stretch)
-            name = "contention" if s.prefill_tokens else s.phase
-            groups.setdefault(name, []).append(abs(pred - s.ms) / s.ms)
-        return {k: {"mape_pct": 100 * float(np.mean(v)), "max_pct": 100 * float(np.max(v)), "n": len(v)}
-                for k, v in groups.items()}
+            if s.part == "all":
+                groups.setdefault(s.group, []).append(abs(self.sample_ms(s) - s.ms) / s.ms)
+        return {k: error_stats(v) for k, v in groups.items()}
 
     # -- plain data ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
             "total_sms": self.total_sms,
             "split_sms": self.split_sms,
+            "attention_heads": self.attention_heads,
             "classes": {p: {c: asdict(op) for c, op in cl.items()} for p, cl in self.classes_.items()},
             "overhead_ms": dict(self.overhead_ms_),
             "contention": dict(self.contention_),
@@ -579,7 +651,7 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyModel:
-        m = cls(d["total_sms"], d["split_sms"])
+        m = cls(d["total_sms"], d["split_sms"], d.get("attention_heads"))  # absent in older profiles
         m.classes_ = {p: {c: OpClass(**op) for c, op in cl.items()} for p, cl in d["classes"].items()}
         for phase in PHASES:
             if set(m.classes_.get(phase, {})) != set(CLASSES):

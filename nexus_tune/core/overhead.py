@@ -132,6 +132,54 @@ class StepOverhead:
         return cls(terms, {k: dict(v) for k, v in d.get("fit_error", {}).items()})
 
 
+FIDELITY_WITHIN = 0.08  # issue 17: engine steps predicted within 8% per step kind
+
+
+def _error_stats(predicted: np.ndarray, measured: np.ndarray, within: float) -> dict[str, float]:
+    """Median signed error (bias), median and p90 of |error| (%), and the share within `within` (%)."""
+    rel = (predicted - measured) / measured
+    return {"bias_pct": 100 * float(np.median(rel)), "median_pct": 100 * float(np.median(np.abs(rel))),
+            "p90_pct": 100 * float(np.percentile(np.abs(rel), 90)), "within_pct": 100 * float(np.mean(np.abs(rel) <= within))}
+
+
+def step_fidelity(step_logs: Iterable[Iterable[Mapping[str, Any]]], model: LatencyModel,
+                  overhead: StepOverhead | None = None, within: float = FIDELITY_WITHIN) -> dict[str, dict[str, Any]]:
+    """Predicted against measured engine steps, per step key: the step's GPU time against the latency
+    model's kernel time (`kernel`), and the loop's cycle against that time through `overhead` (`cycle`:
+    what the simulator runs on), each as _error_stats."""
+    overhead = overhead or StepOverhead()
+    rows: dict[str, list[tuple[float, float, float, float]]] = {}
+    for r, cycle in _cycles(step_logs):
+        key = step_key(r["loop"], r["kind"])
+        gpu = predicted_gpu_ms(r, model)
+        rows.setdefault(key, []).append((gpu, r["gpu_ms"], overhead.predict(key, gpu, r["num_seqs"]), cycle))
+    out = {}
+    for key, data in sorted(rows.items()):
+        a = np.array(data, dtype=float)
+        out[key] = {"steps": len(a), "fitted": key in overhead.terms,
+                    "kernel": _error_stats(a[:, 0], a[:, 1], within), "cycle": _error_stats(a[:, 2], a[:, 3], within)}
+    return out
+
+
+def fidelity_table(fidelity: dict[str, dict[str, Any]], title: str, within: float = FIDELITY_WITHIN) -> Any:
+    """A rich table of step_fidelity: per step key, |error| median / p90 and the share within `within`."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    cols = ["loop/kind", "steps", "kernel bias", "kernel |err| median / p90", f"kernel within {within:.0%}",
+            "cycle |err| median / p90", f"cycle within {within:.0%}"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "loop/kind" else "right", no_wrap=col == "loop/kind")
+    for key, f in fidelity.items():
+        k, c = f["kernel"], f["cycle"]
+        table.add_row(key + ("" if f["fitted"] else " (unfitted)"), str(f["steps"]), f"{k['bias_pct']:+.1f}%",
+                      f"{k['median_pct']:.1f}% / {k['p90_pct']:.1f}%", f"{k['within_pct']:.0f}%",
+                      f"{c['median_pct']:.1f}% / {c['p90_pct']:.1f}%", f"{c['within_pct']:.0f}%")
+    table.caption = ("kernel: the profile's prediction against the step's GPU time (bias: median signed error); "
+                     "cycle: through the step overhead, against the loop's cycle (GPU span and gap to its next step)")
+    return table
+
+
 # The step keys of the two-loop policies' loops (engine/loops.py), by phase.
 TWO_LOOP_KEYS = {"prefill": step_key("prefill", "prefill"), "decode": step_key("decode", "decode")}
 RECENT_STEPS = 32  # StepTimes.recent_decode_ms_ averages over about this many decode steps

@@ -3,17 +3,20 @@
 Written by `nexus-tune profile` to `profiles/<gpu-slug>/<model-slug>.json` (docs/profile-format.md
 has the schema); read by serve, simulate, tune and plan. Loading refuses, with the command that
 makes the right file, a profile of another GPU, of another model, of a newer schema, or a corrupt
-one. `find_profile` is the one rule that says which file serves a GPU and a model.
+one. `find_profile` is the one rule that says which file serves a GPU and a model. `fit_latency_model`
+is how a profile's model is fitted and scored, by the profiler and by `Profile.refit` alike.
 """
 from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.crossval import FOLDS, SEED, cross_validate
+from nexus_tune.core.grid import split_samples
 from nexus_tune.core.latency_model import LatencyModel, Sample
 from nexus_tune.core.overhead import StepOverhead
 
@@ -60,6 +63,15 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def fit_latency_model(setup: LatencyModel, samples: list[Sample], folds: int = FOLDS,
+                      seed: int = SEED) -> tuple[LatencyModel, dict[str, Any], dict[str, Any]]:
+    """(model, fit_error, cross_validation) of a profile's samples: a fresh model set up as `setup`,
+    fitted on the training samples and scored on the held-out ones, and the k-fold summary over all."""
+    train, held = split_samples(samples)
+    model = setup.fresh().fit(train)
+    return model, model.errors(held), cross_validate(samples, setup, folds, seed).summary()
+
+
 @dataclass
 class Profile:
     gpu: dict[str, Any]  # DeviceInfo.to_dict(): name, slug, sm_count, memory_bytes, ...
@@ -70,6 +82,7 @@ class Profile:
     latency_model: LatencyModel
     samples: list[Sample]
     fit_error: dict[str, dict[str, float]]  # held-out error per phase (and "contention")
+    cross_validation: dict[str, Any] | None = None  # crossval.CrossValidation.summary() of the samples
     software: dict[str, Any] = field(default_factory=dict)
     backend: str = "green-contexts"
     grid: dict[str, Any] = field(default_factory=dict)  # what was swept and how long it took
@@ -77,6 +90,7 @@ class Profile:
     tuned_knobs: dict[str, Any] | None = None
     step_overhead: StepOverhead | None = None  # the engine's cost beyond kernel time (nexus_tune/core/overhead.py)
     synthetic: bool = False
+    refitted: str | None = None  # when `nexus-tune profile refit` last refitted the model (None: as profiled)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -108,6 +122,8 @@ class Profile:
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "grid": self.grid,
             "fit_error": self.fit_error,
+            "cross_validation": self.cross_validation,
+            "refitted": self.refitted,
             "latency_model": self.latency_model.to_dict(),
             "tuned_knobs": self.tuned_knobs,
             "step_overhead": self.step_overhead.to_dict() if self.step_overhead else None,
@@ -129,11 +145,22 @@ class Profile:
             split_sms=[int(s) for s in d["split_sms"]], kv_capacity_tokens=int(d["kv_capacity_tokens"]),
             latency_model=LatencyModel.from_dict(d["latency_model"]),
             samples=[Sample.from_dict(s) for s in d["samples"]], fit_error=dict(d["fit_error"]),
+            cross_validation=d.get("cross_validation"), refitted=d.get("refitted"),
             software=dict(d.get("software") or {}), backend=str(d.get("backend", "green-contexts")),
             grid=dict(d.get("grid") or {}), created=str(d["created"]), tuned_knobs=d.get("tuned_knobs"),
             step_overhead=StepOverhead.from_dict(d["step_overhead"]) if d.get("step_overhead") else None,
             synthetic=bool(d.get("synthetic", False)), schema_version=int(d["schema_version"]),
         )
+
+    def refit(self, attention_heads: int | None = None, folds: int = FOLDS, seed: int = SEED) -> Profile:
+        """This profile with its latency model refitted from its samples as the profiler fits them (no
+        GPU): fit_error and cross_validation recomputed, everything else kept. attention_heads: the
+        model's query heads (prefill attention's waves), default the model's own setting.
+        step_overhead stays as fitted against the previous model (calibrate --from-runs redoes it)."""
+        old = self.latency_model
+        setup = LatencyModel(old.total_sms, old.split_sms, attention_heads or old.attention_heads)
+        model, fit_error, cv = fit_latency_model(setup, self.samples, folds, seed)
+        return replace(self, latency_model=model, fit_error=fit_error, cross_validation=cv, refitted=_now())
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
