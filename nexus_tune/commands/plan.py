@@ -13,9 +13,9 @@ from rich.table import Table
 
 from nexus_tune.commands.reporting import plot_latency_vs_rate, progress_bar
 from nexus_tune.core.controller import ControllerKnobs
-from nexus_tune.core.profile import Profile, ProfileError
+from nexus_tune.core.profile import Profile
 from nexus_tune.commands.tune import (CEILING_NOTE, CapacityProbe, capacity_text, knobs_table, parallel_map,
-                                      rate_range, search_capacity, sim_inputs)
+                                      rate_range, search_capacity, checked_sim_inputs)
 
 POLICIES = ("nexus", "chunked", "prefill-first")
 STATIC_SHARES = (0.25, 0.375, 0.5, 0.625, 0.75)  # prefill shares of the static splits tried
@@ -93,14 +93,10 @@ def plan_table(result: dict, title: str) -> Table:
 
 
 def run_plan(args) -> int:
-    from nexus_tune.commands.cli import report_error
-
-    console = Console()
-    try:
-        profile, slos = sim_inputs(args)
-    except (ValueError, ProfileError) as e:
-        report_error(str(e))
+    if (inputs := checked_sim_inputs(args)) is None:
         return 2
+    profile, slos = inputs
+    console = Console()
     progress = progress_bar(console)
     with progress:
         result = plan(profile, args.workload, slos, args.num_prompts, args.seed, progress=progress)

@@ -243,6 +243,17 @@ def sim_inputs(args) -> tuple[Profile, dict[str, float]]:
     return profile, slos
 
 
+def checked_sim_inputs(args) -> tuple[Profile, dict[str, float]] | None:
+    """sim_inputs, a bad command line reported as one error line (and None)."""
+    from nexus_tune.commands.cli import report_error
+
+    try:
+        return sim_inputs(args)
+    except (ValueError, ProfileError) as e:
+        report_error(str(e))
+        return None
+
+
 def capacity_text(capacity: float, ceiling: float) -> str:
     """A capacity as printed: a search that reached its ceiling only knows a lower bound."""
     return f">={capacity:.3g}" if capacity >= ceiling else f"{capacity:.3g}"
@@ -255,12 +266,10 @@ CEILING_NOTE = (">=: the search stops at 1.5x the prefill-only bound (the GPU do
 def run_tune(args) -> int:
     from nexus_tune.commands.cli import report_error
 
-    console = Console()
-    try:
-        profile, slos = sim_inputs(args)
-    except (ValueError, ProfileError) as e:
-        report_error(str(e))
+    if (inputs := checked_sim_inputs(args)) is None:
         return 2
+    profile, slos = inputs
+    console = Console()
     progress = progress_bar(console)
     with progress:
         task = progress.add_task("tuning", total=args.trials)
