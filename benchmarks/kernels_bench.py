@@ -8,6 +8,9 @@ Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128, bf16, 1
   HBM floor (KV bytes / measured device-to-device copy bandwidth);
 - prefill: one 2048-token chunk without prefix and over a 6144-token prefix; several tile
   configurations of our kernel against SDPA's flash backend, in TFLOP/s (causal FLOPs only);
+- a chunked mixed step through the prefill kernel: a 512-token prompt plus 64 decode rows of 2048
+  KV tokens, against its HBM floor (bytes moved / copy bandwidth; it is memory-bound), beside the
+  prompt alone and the decode rows through the decode kernel (target 1.3x the floor, issue 12);
 - rms_norm (+residual), apply_rope and store_kv against their PyTorch equivalents, timed as
   CUDA-graph replays because at decode sizes a launch costs more than the work.
 - decode attention 64 x 2048 on the whole GPU and on decode sides of 92 and 68 SMs (green contexts),
@@ -163,8 +166,15 @@ def sdpa_flash_prefill(q, k, v, prefix: int):
     return run
 
 
+def packed_tiles(q_lens: list[int], prefixes: list[int], cfg) -> torch.Tensor:
+    """The tile map of a step, sized as the engine sizes it."""
+    from engine.kernels import max_tiles, tile_map
+    tokens = cfg.tile_tokens(Q_HEADS // KV_HEADS)
+    return torch.from_numpy(tile_map(q_lens, prefixes, tokens, max_tiles(sum(q_lens), len(q_lens), tokens))).cuda()
+
+
 def bench_prefill(q_len: int, prefix: int, configs, gen: torch.Generator) -> dict:
-    from engine.kernels import max_tiles, prefill_attention, tile_map
+    from engine.kernels import prefill_attention
     ctx = prefix + q_len
     k_cache, v_cache, tables = paged_kv(1, ctx, gen)
     q = torch.randn(q_len, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
@@ -177,7 +187,7 @@ def bench_prefill(q_len: int, prefix: int, configs, gen: torch.Generator) -> dic
     flops = causal_flops(q_len, prefix)
     result = {"case": f"prefill {q_len} over {prefix}", "configs": []}
     for cfg in configs:
-        tiles = torch.from_numpy(tile_map([q_len], [prefix], cfg.block_m, max_tiles(q_len, 1, cfg.block_m))).cuda()
+        tiles = packed_tiles([q_len], [prefix], cfg)
         run = lambda cfg=cfg, tiles=tiles: prefill_attention(q, k_new, v_new, k_cache, v_cache, cu, seq_lens, tables,
                                                              tiles, SCALE, config=cfg)
         try:
@@ -198,6 +208,43 @@ def bench_prefill(q_len: int, prefix: int, configs, gen: torch.Generator) -> dic
     except RuntimeError as exc:
         result["sdpa_error"] = repr(exc)[:200]
     return result
+
+
+def bench_mixed(prompt: int, decode_rows: int, ctx: int, bandwidth: float, gen: torch.Generator) -> dict:
+    """A chunked mixed step's attention: one `prompt`-token chunk (no prefix) and `decode_rows` 1-token
+    rows over `ctx` KV tokens each, in one prefill-kernel launch (CUDA-graph replay, as the engine
+    runs it), against the bytes it must move: every KV token once per KV head, q read, output written."""
+    from engine.kernels import decode_attention, default_config, prefill_attention
+    k_cache, v_cache, tables = paged_kv(decode_rows + 1, ctx, gen)  # the last sequence holds the prompt
+    k, v = contiguous_kv(k_cache, tables), contiguous_kv(v_cache, tables)
+    q = torch.randn(prompt + decode_rows, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    q_prompt, q_dec = q[:prompt].transpose(0, 1)[None], q[prompt:]
+    # The chunk's own K/V as the projection makes them: the prompt's tokens, then each decode row's last.
+    k_new = torch.cat([k[decode_rows, :, :prompt].transpose(0, 1), k[:decode_rows, :, ctx - 1]])
+    v_new = torch.cat([v[decode_rows, :, :prompt].transpose(0, 1), v[:decode_rows, :, ctx - 1]])
+    q_lens, prefixes = [prompt] + [1] * decode_rows, [0] + [ctx - 1] * decode_rows
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32, device="cuda").cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([prompt] + [ctx] * decode_rows, dtype=torch.int32, device="cuda")
+    order = torch.tensor([decode_rows] + list(range(decode_rows)), device="cuda")
+    step_tables, cfg = tables[order], default_config(HEAD_DIM, DTYPE)
+    tiles = packed_tiles(q_lens, prefixes, cfg)
+    run = lambda: prefill_attention(q, k_new, v_new, k_cache, v_cache, cu, seq_lens, step_tables, tiles, SCALE)
+    ref = torch.cat([ref_attention(q_prompt, k[decode_rows:, :, :prompt], v[decode_rows:, :, :prompt])[0]
+                     .transpose(0, 1), ref_attention(q_dec[:, :, None], k[:decode_rows], v[:decode_rows])[:, :, 0]])
+    # Alone, for scale: the prompt through the same kernel; the decode rows through the decode kernel.
+    prompt_tiles = packed_tiles([prompt], [0], cfg)
+    prompt_only = lambda: prefill_attention(q[:prompt], k_new[:prompt], v_new[:prompt], k_cache, v_cache, cu[:2],
+                                            seq_lens[:1], step_tables[:1], prompt_tiles, SCALE)
+    dec_only = lambda: decode_attention(q_dec, k_cache, v_cache, tables[:decode_rows], seq_lens[1:], SCALE)
+    elem = q.element_size()
+    kv_bytes = 2 * KV_HEADS * HEAD_DIM * elem * (decode_rows * ctx + prompt)
+    nbytes = kv_bytes + 2 * q.numel() * elem
+    err = _rel_err(run(), ref)  # also compiles the kernel before the graph capture
+    ms, floor = _time(run, graph=True), nbytes / bandwidth * 1e3
+    return {"case": f"mixed {prompt} prompt + {decode_rows} x {ctx} decode", "rel_err": err,
+            "ms": ms, "ms_eager": _time(run), "ms_hbm_floor": floor, "ratio": ms / floor,
+            "ms_prompt_only": _time(prompt_only, graph=True), "ms_decode_kernel": _time(dec_only, graph=True),
+            "tiles": int((tiles[:, 0] >= 0).sum()), "tile_tokens": cfg.tile_tokens(Q_HEADS // KV_HEADS)}
 
 
 def torch_rms_norm(x, weight, eps, residual):
@@ -288,6 +335,12 @@ def to_markdown(res: dict) -> str:
             lines.append(f"| {p['case']} | SDPA flash | {p['sdpa_rel_err']:.1e} | {p['ms_sdpa']:.3f} | {p['sdpa_tflops']:.0f} |")
         else:
             lines.append(f"| {p['case']} | SDPA flash | failed: {p.get('sdpa_error')} | | |")
+    m = res["mixed"]
+    lines += ["", "## Chunked mixed step through the prefill kernel (CUDA-graph replay)", "",
+              "| case | rel_err | ms | eager ms | HBM floor ms | ratio | prompt alone ms | decode kernel ms |",
+              "|---|---|---|---|---|---|---|---|",
+              f"| {m['case']} | {m['rel_err']:.1e} | {m['ms']:.3f} | {m['ms_eager']:.3f} | {m['ms_hbm_floor']:.3f} | "
+              f"{m['ratio']:.2f}x | {m['ms_prompt_only']:.3f} | {m['ms_decode_kernel']:.3f} |"]
     lines += ["", "## Decode attention 64 x 2048 on split sides", "",
               "| SMs | config (block_n, warps, stages, programs/SM) | rel_err | ms | TB/s |", "|---|---|---|---|---|"]
     for d in res["decode_sides"]:
@@ -316,6 +369,10 @@ def print_summary(res: dict) -> None:
             continue
         table.add_row(p["case"], f"{b['rel_err']:.1e}", f"{b['ms']:.3f}", f"{p.get('ms_sdpa', float('nan')):.3f} SDPA",
                       f"{b['tflops']:.0f} vs {p.get('sdpa_tflops', float('nan')):.0f} TFLOP/s, best {tuple(b['config'].values())}")
+    m = res["mixed"]
+    table.add_row(m["case"], f"{m['rel_err']:.1e}", f"{m['ms']:.3f}", f"{m['ms_hbm_floor']:.3f} HBM floor",
+                  f"{m['ratio']:.2f}x floor (target 1.3); prompt alone {m['ms_prompt_only']:.3f}, decode kernel "
+                  f"{m['ms_decode_kernel']:.3f}")
     for s in res["small"]:
         table.add_row(s["case"], f"{s['rel_err']:.1e}", f"{s['ms']:.4f}", f"{s['ms_torch']:.4f} torch", "graph replay")
     for sms in sorted({d["sms"] for d in res["decode_sides"]}, reverse=True):
@@ -346,10 +403,11 @@ def main(argv: list[str] | None = None) -> int:
            "copy_tb_s": bandwidth / 1e12,
            "decode": [bench_decode(64, 2048, bandwidth, gen), bench_decode(8, 32768, bandwidth, gen)],
            "prefill": [bench_prefill(2048, 0, configs, gen), bench_prefill(2048, 6144, configs, gen)],
+           "mixed": bench_mixed(512, 64, 2048, bandwidth, gen),
            "decode_sides": bench_decode_sides(64, 2048, bandwidth, gen),
            "small": [bench_rms_norm(2048, 4096, gen), bench_rms_norm(64, 4096, gen), bench_rope(2048, gen),
                      bench_rope(64, gen), bench_store_kv(2048, gen), bench_store_kv(64, gen)]}
-    errors = [d["rel_err"] for d in res["decode"] + res["small"] + res["decode_sides"]]
+    errors = [d["rel_err"] for d in res["decode"] + res["small"] + res["decode_sides"] + [res["mixed"]]]
     errors += [c["rel_err"] for p in res["prefill"] for c in p["configs"] if "rel_err" in c]
     default_ran = all("rel_err" in p["configs"][0] for p in res["prefill"])  # configs[0] is the default
     res["all_correct"] = default_ran and max(errors) < REL_TOL

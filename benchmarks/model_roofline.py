@@ -237,8 +237,8 @@ def attention_vs_sdpa(runner: ModelRunner, table: SplitTable, batch: int, kv: in
     ptable = torch.arange(-(-tokens // bs), device=dev, dtype=torch.int32)[None]
     cu = torch.tensor([0, tokens], device=dev, dtype=torch.int32)
     plen = torch.tensor([tokens], device=dev, dtype=torch.int32)
-    block_m = default_config(c.head_dim, runner.dtype).block_m
-    tiles = torch.from_numpy(tile_map([tokens], [0], block_m, max_tiles(tokens, 1, block_m))).to(dev)
+    tile_tokens = default_config(c.head_dim, runner.dtype).tile_tokens(c.num_attention_heads // c.num_key_value_heads)
+    tiles = torch.from_numpy(tile_map([tokens], [0], tile_tokens, max_tiles(tokens, 1, tile_tokens))).to(dev)
     tri_prefill = time_ms(lambda: prefill_attention(qp, kp, vp, k_cache, v_cache, cu, plen, ptable, tiles, scale),
                           iters=20)
     sdpa_prefill_ms = time_ms(_sdpa_flash(qp.transpose(0, 1)[None].contiguous(), kp.transpose(0, 1)[None].contiguous(),

@@ -5,7 +5,8 @@
 
 Each policy (nexus, chunked, prefill-first, static:N; static:best = the static split with the
 highest simulated capacity) gets ONE engine (AsyncLLM with a step log, random weights, the
-controller knobs `plan` recommends, warmed up with greedy probes), which then replays Poisson
+controller knobs `plan` recommends, warmed up with greedy probes), which then replays Poisson (or, with
+--burstiness below 1, burstier)
 traces of the workload at rising rates. Every policy replays the same requests at a given rate
 (one seed); a trace holds --num-prompts requests, more at high rates so that arrivals last
 --min-duration seconds (a trace much shorter than the TTFT SLO is one burst, served before any
@@ -51,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -110,6 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     p.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps (1: Poisson)")
     p.add_argument("--refine", type=int, default=1, help="bisections of each auto bracket")
     p.add_argument("--no-early-stop", action="store_true",
                    help="replay failing rates to the end (slower; latencies of every request)")
@@ -121,7 +124,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep every step record in the results (nexus-tune calibrate --from-runs fits them)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate, run nothing")
     p.add_argument("--out", default=os.environ.get("OUT") or "out")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.burstiness < math.inf:
+        p.error(f"--burstiness must be a positive, finite number, got {args.burstiness}")
+    return args
 
 
 def parse_rates(text: str) -> list[float] | None:
@@ -202,11 +208,11 @@ class Sweep:
 # -- the simulator's view -------------------------------------------------------------------------
 
 def eval_trace(workload: str, rate: float, num_prompts: int, min_duration: float, seed: int, max_model_len: int,
-               max_output: int) -> list[TraceRequest]:
+               max_output: int, burstiness: float = 1.0) -> list[TraceRequest]:
     """The requests replayed at `rate`: at least `num_prompts`, and enough to arrive over `min_duration`
     seconds (a trace much shorter than the TTFT SLO is one burst, served before a queue can grow)."""
     n = max(num_prompts, math.ceil(rate * min_duration))
-    return capped_trace(make_trace(workload, n, rate, seed=seed), max_model_len, max_output)
+    return capped_trace(make_trace(workload, n, rate, burstiness, seed), max_model_len, max_output)
 
 
 @dataclass
@@ -219,7 +225,7 @@ class CappedProbe(CapacityProbe):
 
     def trace(self, rate: float) -> list[TraceRequest]:
         return eval_trace(self.workload, rate, self.num_prompts, self.min_duration, self.seed, self.max_model_len,
-                          self.max_output)
+                          self.max_output, self.burstiness)
 
     def summary(self, rate: float) -> dict:
         if rate not in self.summaries:
@@ -233,7 +239,7 @@ def simulated_capacities(profile: Profile, args: argparse.Namespace, slos: dict[
     start, ceiling = rate_range(profile, args.workload, args.num_prompts, args.seed)
     probes = [CappedProbe(profile, args.workload, args.num_prompts, args.seed, slos, p, knobs,
                           max_model_len=args.max_model_len, max_output=args.max_output,
-                          min_duration=args.min_duration) for p in policies]
+                          burstiness=args.burstiness, min_duration=args.min_duration) for p in policies]
     found = parallel_map(search_capacity, [(probe, start, 2.0, 10, 0.0, ceiling) for probe in probes])
     for probe, (_, summaries) in zip(probes, found):
         probe.summaries.update(summaries)  # the search ran on a copy in a worker process
@@ -287,10 +293,11 @@ def loop_stats(steps: list[StepRecord]) -> dict[str, Any]:
     return out
 
 
-def split_timeline(steps: list[StepRecord], total_sms: int, points: int = 400) -> dict[str, Any]:
+def split_timeline(rep: Replay, total_sms: int, points: int = 400) -> dict[str, Any]:
     """Prefill SMs of the split each step launched on, at every change (seconds from the first step),
-    and the decode batch over time (about `points` samples)."""
-    ordered = sorted(steps, key=lambda s: s.start_ms)
+    and, about `points` samples each, the decode batch and the queue (requests arrived and still
+    without their first token) over time: what the split followed."""
+    ordered = sorted(rep.steps, key=lambda s: s.start_ms)
     t0 = ordered[0].start_ms if ordered else 0.0
     splits: list[list[float]] = []
     for s in ordered:
@@ -299,7 +306,13 @@ def split_timeline(steps: list[StepRecord], total_sms: int, points: int = 400) -
             splits.append([round((s.start_ms - t0) / 1e3, 4), prefill_sms])
     decodes = [s for s in ordered if s.kind == "decode"]
     batch = [[round((s.start_ms - t0) / 1e3, 4), s.decode_seqs] for s in decodes[::max(1, len(decodes) // points)]]
-    return {"total_sms": total_sms, "splits": splits, "decode_batch": batch}
+    arrivals = np.sort([r.arrival_s for r in rep.records])
+    firsts = np.sort([r.first_token_s if r.first_token_s is not None else np.inf for r in rep.records])
+    times = np.linspace(0, (ordered[-1].start_ms - t0) / 1e3 if ordered else 0.0, points)
+    absolute = rep.steps_origin_s + t0 / 1e3 + times
+    waiting = np.searchsorted(arrivals, absolute, side="right") - np.searchsorted(firsts, absolute, side="right")
+    queue = [[round(float(t), 4), int(w)] for t, w in zip(times, waiting)]
+    return {"total_sms": total_sms, "splits": splits, "decode_batch": batch, "queue": queue}
 
 
 def slo_misses(records: list[metrics.RequestRecord], slos: dict[str, float]) -> dict[str, int]:
@@ -450,7 +463,8 @@ class Context:
 
     def trace(self, rate: float) -> list[TraceRequest]:
         a = self.args
-        return eval_trace(a.workload, rate, a.num_prompts, a.min_duration, a.seed, a.max_model_len, a.max_output)
+        return eval_trace(a.workload, rate, a.num_prompts, a.min_duration, a.seed, a.max_model_len, a.max_output,
+                          a.burstiness)
 
     def left_s(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.perf_counter()
@@ -497,7 +511,7 @@ def run_policy(ctx: Context, result: PolicyResult, sweep: Sweep, probe: CappedPr
             run = run_summary(rate, rep, trace, ctx.slos, result.policy, ctx.profile, probe)
             if a.save_steps:
                 run["step_records"] = [asdict(s) for s in rep.steps]
-            result.add_run(run, split_timeline(rep.steps, total_sms) if nexus else None)
+            result.add_run(run, split_timeline(rep, total_sms) if nexus else None)
             if result.policy == "chunked":
                 chunked_steps += [s for s in rep.steps if s.kind in ("mixed", "prefill")]
                 result.chunked_efficiency = chunked_efficiency(chunked_steps, ctx.config, ctx.profile.latency_model,
@@ -557,7 +571,7 @@ def make_meta(args: argparse.Namespace, slos: dict[str, float], profile: Profile
     return {
         "model": args.model, "workload": args.workload, "slos": slos, "num_prompts": args.num_prompts,
         "min_duration": args.min_duration, "max_output": args.max_output, "max_model_len": args.max_model_len,
-        "seed": args.seed, "max_num_seqs": args.max_num_seqs, "early_stop": not args.no_early_stop,
+        "seed": args.seed, "burstiness": args.burstiness, "max_num_seqs": args.max_num_seqs, "early_stop": not args.no_early_stop,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "sm_count": int(profile.gpu["sm_count"]), "torch": torch.__version__,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -603,7 +617,7 @@ def make_plan(args: argparse.Namespace, profile: Profile, slos: dict[str, float]
         policies += [] if best in policies else [best]
     setup = {"model": args.model, "workload": args.workload, "slos": slos, "num_prompts": args.num_prompts,
              "min_duration": args.min_duration, "max_output": args.max_output, "max_model_len": args.max_model_len,
-             "seed": args.seed}
+             "seed": args.seed, "burstiness": args.burstiness}
     prior = load_resumed(args.resume, setup)
     sweeps, results = {}, {}
     for p in policies:

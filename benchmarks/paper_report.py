@@ -386,26 +386,31 @@ def plot_latency(s: Setup, path: Path) -> None:
 
 
 def plot_split(s: Setup, path: Path) -> bool:
-    """nexus's prefill SMs over one run, with the decode batch beside them; False if there is no timeline."""
+    """nexus's prefill SMs over one run, above the queue and the decode batch it followed; False if
+    there is no timeline."""
     nexus = s.policies.get("nexus")
     tl = nexus and nexus.split_timeline
     if not tl or not tl["splits"]:
         return False
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 3.8), layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(11, 5.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     t, sms = zip(*tl["splits"])
-    ax.step(t, sms, where="post", color="C0", label="prefill SMs")
-    ax.set_ylim(0, tl["total_sms"] * 1.05)
-    ax.set_xlabel("seconds from the run's first step")
-    ax.set_ylabel("prefill SMs (of %d)" % tl["total_sms"], color="C0")
-    if tl["decode_batch"]:
-        twin = ax.twinx()
-        bt, batch = zip(*tl["decode_batch"])
-        twin.plot(bt, batch, color="C1", alpha=0.6, linewidth=1)
-        twin.set_ylabel("decode batch", color="C1")
-    ax.set_title(f"nexus split over one run at {tl['rate']:g} req/s ({s.model}, {s.workload})")
+    top.step(t, sms, where="post", color="C0")
+    top.set_ylim(0, tl["total_sms"] * 1.05)
+    top.set_ylabel("prefill SMs (of %d)" % tl["total_sms"])
+    top.set_title(f"nexus split over one run at {tl['rate']:g} req/s ({s.model}, {s.workload})")
+    for key, label, color in (("queue", "requests waiting for a first token", "C3"),
+                              ("decode_batch", "decode batch", "C1")):
+        if tl.get(key):
+            x, y = zip(*tl[key])
+            bottom.plot(x, y, color=color, linewidth=1, label=label)
+    bottom.set_xlabel("seconds from the run's first step")
+    bottom.set_ylabel("requests")
+    bottom.legend(fontsize="small", loc="upper right")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
     fig.savefig(path, dpi=110)
     return True
 

@@ -457,6 +457,12 @@ class EngineCore:
             raise EngineError("no step log: construct the engine with step_log=True")
         return self.ctx.step_log.records()
 
+    def step_origin_s(self) -> float:
+        """`time.perf_counter()` seconds at the step log's time zero (StepRecord.start_ms counts from it)."""
+        if self.ctx.step_log is None:
+            raise EngineError("no step log: construct the engine with step_log=True")
+        return self.ctx.step_log.created_s
+
 
 _ENGINE_DOC = """
     `model`, `policy` (nexus | chunked | prefill-first | static:N) and, as keywords, any field of

@@ -93,7 +93,7 @@ class ModelRunner:
                  self.config.name, self.device, self.dtype, self.backend, time.perf_counter() - t0,
                  num_kv_blocks, block_size, self.kv_cache.nbytes / 2**30)
         self.max_num_batched_tokens = max_num_batched_tokens
-        self._block_m = _tile_rows(self.config.head_dim, self.dtype) if self.backend == "triton" else None
+        self._tile_tokens = _tile_tokens(self.config, self.dtype) if self.backend == "triton" else None
         # Each path (prefill, decode) has its own staging, rows and graphs: two loops call it at once.
         self._prefill_staging = Staging(self.device)
         self._decode_staging = Staging(self.device)
@@ -129,7 +129,7 @@ class ModelRunner:
             self._follow("prefill", stream)
             if bucket is not None:
                 return self._prefill_replay(batch, key, bucket, prev_ids)
-            arrays = prefill_arrays(batch, self.block_size, self.max_model_len, self._scratch_slot, self._block_m)
+            arrays = prefill_arrays(batch, self.block_size, self.max_model_len, self._scratch_slot, self._tile_tokens)
             ids, positions, meta, last = self._prefill_tensors(arrays, self._prefill_staging, prev_ids)
             return self._forward_last(ids, positions, meta, last)
 
@@ -217,7 +217,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; on a CPU every step runs eagerly")
         reports = []
-        if prefill_sides and self._block_m is None:
+        if prefill_sides and self._tile_tokens is None:
             log.warning("prefill runs eagerly: the %s attention backend reads lengths on the host (not capturable)",
                         self.backend)
         elif prefill_sides:
@@ -250,8 +250,8 @@ class ModelRunner:
                         prev_ids: torch.Tensor | None) -> torch.Tensor:
         s = self._prefill_static
         seqs, tiles = s.shape_of(bucket)
-        a = prefill_arrays(batch, self.block_size, self.max_model_len, self._scratch_slot, self._block_m,
-                           tokens=bucket, seqs=seqs, tile_capacity=tiles if self._block_m else None)
+        a = prefill_arrays(batch, self.block_size, self.max_model_len, self._scratch_slot, self._tile_tokens,
+                           tokens=bucket, seqs=seqs, tile_capacity=tiles if self._tile_tokens else None)
         s.load(a, self._prefill_staging, prev_ids)
         self._graphs["prefill"].replay(key, bucket)
         return s.logits[: a.num_seqs]
@@ -270,7 +270,7 @@ class ModelRunner:
         ids = torch.randint(self.config.vocab_size, (tokens,), generator=gen).tolist()
         with torch.inference_mode():
             arrays = prefill_arrays(PrefillInput([ids], [kv_prefix], blocks), self.block_size, self.max_model_len,
-                                    self._scratch_slot, self._block_m)
+                                    self._scratch_slot, self._tile_tokens)
             input_ids, positions, meta, last = self._prefill_tensors(arrays, Staging(self.device), None)
             qkv = self._random_qkv(tokens)
         _synchronize(self.device)  # inputs are ready whatever stream the callable runs on
@@ -365,7 +365,7 @@ class _PrefillBuffers:
 
     def __init__(self, runner: ModelRunner, tokens: int):
         dev = runner.device
-        self.max_seqs, self.block_m = runner.max_num_seqs, runner._block_m
+        self.max_seqs, self.tile_tokens = runner.max_num_seqs, runner._tile_tokens
         seqs, tiles = self.shape_of(tokens)
         self.token_rows = torch.zeros(3, tokens, dtype=torch.int64, device=dev)
         self.token_rows[2] = runner._scratch_slot  # the capture's warm-up run writes nowhere else
@@ -381,7 +381,7 @@ class _PrefillBuffers:
         from engine.kernels.prefill_attention import max_tiles
 
         seqs = min(tokens, self.max_seqs)
-        return seqs, max_tiles(tokens, seqs, self.block_m)
+        return seqs, max_tiles(tokens, seqs, self.tile_tokens)
 
     def load(self, a: PrefillArrays, staging: Staging, prev_ids: torch.Tensor | None) -> None:
         """Copy padded host arrays into the buffers (on the current stream)."""
@@ -428,11 +428,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _tile_rows(head_dim: int, dtype: torch.dtype) -> int:
-    """Query rows per program of the Triton prefill kernel: the tile map is built in these units."""
+def _tile_tokens(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Query tokens per program of the Triton prefill kernel: the tile map is built in these units."""
     from engine.kernels.prefill_attention import default_config
 
-    return default_config(head_dim, dtype).block_m
+    group = config.num_attention_heads // config.num_key_value_heads
+    return default_config(config.head_dim, dtype).tile_tokens(group)
 
 
 def _check_part(part: str) -> None:

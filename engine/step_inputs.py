@@ -119,10 +119,10 @@ class PrefillArrays:
 
 
 def prefill_arrays(batch: PrefillInput, block_size: int, max_model_len: int, scratch_slot: int,
-                   block_m: int | None, tokens: int | None = None, seqs: int | None = None,
+                   tile_tokens: int | None, tokens: int | None = None, seqs: int | None = None,
                    tile_capacity: int | None = None) -> PrefillArrays:
     """The packed inputs of `batch`; with `tokens`/`seqs`/`tile_capacity`, padded to a graph's shapes.
-    `block_m`: the Triton kernel's query rows per program (its tile map), None for the reference backend."""
+    `tile_tokens`: the Triton kernel's query tokens per program (its tile map), None for the reference backend."""
     q_lens = np.array([len(t) for t in batch.token_ids], dtype=np.int64)
     if q_lens.size == 0 or q_lens.min() < 1:
         raise ValueError("a prefill batch needs at least one sequence and one token per sequence")
@@ -151,10 +151,10 @@ def prefill_arrays(batch: PrefillInput, block_size: int, max_model_len: int, scr
     src = np.asarray(batch.src if batch.src is not None else [], dtype=np.int64)
     on_device = np.flatnonzero(src >= 0)
     tiles = None
-    if block_m is not None:
+    if tile_tokens is not None:
         from engine.kernels.prefill_attention import tile_map  # triton: only the Triton backend gets here
 
-        tiles = tile_map(q_lens, prefix, block_m, tile_capacity)
+        tiles = tile_map(q_lens, prefix, tile_tokens, tile_capacity)
     return PrefillArrays(rows, cu, lens, last, tables, tiles, cu[on_device].astype(np.int64), src[on_device],
                          n, int(seq_lens.max()))
 

@@ -148,11 +148,12 @@ def test_decode_attention_replays_in_cuda_graph():
 # -- prefill --------------------------------------------------------------------------------
 
 def chunk_inputs(gen: torch.Generator, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                 prefixes: list[int], q_lens: list[int], q_heads: int, block_m: int):
+                 prefixes: list[int], q_lens: list[int], q_heads: int, config: PrefillConfig):
     """A prefill step over sequences whose prefix AND chunk sit in the caches (the reference reads them
     there): the chunk's K/V as views of one fused tensor (as the projection makes them), and copies of
     the caches with the chunk's slots poisoned with NaN, since the kernel must read a chunk's own K/V
-    from k/v, not the cache. Returns q, k, v, the poisoned caches, cu_seqlens, the tile map."""
+    from k/v, not the cache. Returns q, k, v, the poisoned caches, cu_seqlens, the tile map (sized as the
+    engine sizes it, so padding rows are always there: their programs must write nothing)."""
     block_size, kv_heads, head_dim = k_cache.shape[1:]
     fused = torch.empty(sum(q_lens), 3, kv_heads, head_dim, dtype=k_cache.dtype, device=DEVICE)
     k, v = fused[:, 1], fused[:, 2]
@@ -166,8 +167,10 @@ def chunk_inputs(gen: torch.Generator, k_cache: torch.Tensor, v_cache: torch.Ten
         t += n
     q = _randn(gen, sum(q_lens), q_heads, head_dim, dtype=k_cache.dtype)
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(device=DEVICE, dtype=torch.int32)
-    tiles = torch.from_numpy(tile_map(q_lens, prefixes, block_m, capacity=max_tiles(sum(q_lens), len(q_lens),
-                                                                                    block_m))).to(DEVICE)
+    tile_tokens = config.tile_tokens(q_heads // kv_heads)
+    tiles = tile_map(q_lens, prefixes, tile_tokens, capacity=max_tiles(sum(q_lens), len(q_lens), tile_tokens))
+    assert (tiles[:, 0] < 0).any()
+    tiles = torch.from_numpy(tiles).to(DEVICE)
     return q, k, v, k_poisoned, v_poisoned, cu, tiles
 
 
@@ -184,14 +187,21 @@ def check_prefill(out, q, cu, k_cache, v_cache, tables, prefixes, q_lens, scale,
     (2, 1, 16, 4, [100], [1], None),                                         # one token over a long prefix
     (6, 2, 64, 16, [0], [33], PrefillConfig(32, 64, 4, 2)),                  # no prefix, head_dim 64
     (4, 2, 32, 16, [64, 0], [64, 96], PrefillConfig(32, 16, 4, 2)),         # tiles aligned with the prefix
+    (2, 2, 32, 16, [0, 30], [40, 25], None),                                 # MHA (group 1)
+    (8, 2, 32, 16, [0, 50], [45, 30], None),                                 # group 4 (Llama-3.1-8B)
+    (8, 1, 32, 16, [0, 21], [37, 19], None),                                 # group 8 (Qwen2.5-3B)
+    (14, 2, 32, 16, [3, 0], [20, 9], None),                                  # group 7: a tile's last rows unused
+    # Chunked mixed steps: prompt chunks and many 1-token decode rows over long prefixes.
+    (8, 2, 32, 16, [0, 10, 90, 130, 77, 200, 64, 150, 33, 111], [40, 23] + [1] * 8, None),
+    (16, 2, 32, 16, [41, 0, 180, 95, 160, 64, 129, 17], [30, 12] + [1] * 6, None),
+    (4, 4, 32, 16, [0, 70, 140, 31], [33, 1, 1, 1], None),                   # MHA with decode rows
 ])
 def test_prefill_attention(q_heads, kv_heads, head_dim, block_size, prefixes, q_lens, config, dtype):
     gen = _gen(3)
     cfg = config or default_config(head_dim, dtype)
     k_cache, v_cache, tables, lens = make_paged_kv(gen, [p + n for p, n in zip(prefixes, q_lens)], kv_heads,
                                                    head_dim, block_size, 40, dtype)
-    q, k, v, k_pois, v_pois, cu, tiles = chunk_inputs(gen, k_cache, v_cache, tables, prefixes, q_lens, q_heads,
-                                                      cfg.block_m)
+    q, k, v, k_pois, v_pois, cu, tiles = chunk_inputs(gen, k_cache, v_cache, tables, prefixes, q_lens, q_heads, cfg)
     scale = head_dim ** -0.5
     _poison_allocator(q.numel())
     out = prefill_attention(q, k, v, k_pois, v_pois, cu, lens, tables, tiles, scale, config=config)
@@ -209,13 +219,19 @@ def test_tile_map_covers_every_query_once_heaviest_first():
         tile_map([130], [0], 64, capacity=2)
 
 
+def test_tile_tokens_pack_a_kv_heads_query_heads():
+    assert [PrefillConfig(64, 64, 4, 3).tile_tokens(g) for g in (1, 2, 4, 7, 8)] == [64, 32, 16, 9, 8]
+    with pytest.raises(ValueError, match="cannot hold"):
+        PrefillConfig(16, 16, 4, 2).tile_tokens(32)
+
+
 @pytest.mark.skipif(not CUDA, reason="the Llama-3.1-8B shape is too big for the interpreter")
 def test_prefill_attention_llama_shape():
     gen = _gen(4)
     prefixes, q_lens = [0, 500], [300, 200]
     k_cache, v_cache, tables, lens = make_paged_kv(gen, [300, 700], 8, 128, 16, 48, torch.bfloat16)
     q, k, v, k_pois, v_pois, cu, tiles = chunk_inputs(gen, k_cache, v_cache, tables, prefixes, q_lens, 32,
-                                                      default_config(128, torch.bfloat16).block_m)
+                                                      default_config(128, torch.bfloat16))
     out = prefill_attention(q, k, v, k_pois, v_pois, cu, lens, tables, tiles, 128 ** -0.5)
     check_prefill(out, q, cu, k_cache, v_cache, tables, prefixes, q_lens, 128 ** -0.5, torch.bfloat16)
 
@@ -225,10 +241,10 @@ def test_prefill_attention_replays_in_cuda_graph_with_another_batch():
     """Captured for one step, replayed after the same tensors were rewritten for another step over
     the same sequences (other prefix/chunk cuts, the same token count): the grid comes from shapes."""
     gen = _gen(7)
-    block_m = default_config(64, torch.bfloat16).block_m
+    cfg = default_config(64, torch.bfloat16)
     k_cache, v_cache, tables, lens = make_paged_kv(gen, [50, 70], 2, 64, 16, 8, torch.bfloat16)
-    a = chunk_inputs(gen, k_cache, v_cache, tables, [0, 40], [50, 30], 8, block_m)
-    b = chunk_inputs(gen, k_cache, v_cache, tables, [20, 20], [30, 50], 8, block_m)
+    a = chunk_inputs(gen, k_cache, v_cache, tables, [0, 40], [50, 30], 8, cfg)
+    b = chunk_inputs(gen, k_cache, v_cache, tables, [20, 20], [30, 50], 8, cfg)
     q, k, v, k_pois, v_pois, cu, tiles = a
     prefill_attention(q, k, v, k_pois, v_pois, cu, lens, tables, tiles, 0.125)
     graph = torch.cuda.CUDAGraph()

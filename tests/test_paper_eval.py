@@ -18,11 +18,12 @@ import torch
 from benchmarks import paper_eval, paper_report, sim_fidelity
 from benchmarks.model_roofline import step_roofline_ms
 from benchmarks.paper_eval import PolicyResult, Sweep
-from nexus_tune.commands.replay import _Progress
+from nexus_tune.commands.replay import Replay, _Progress
 from engine.loader import resolve_config
 from engine.loops import StepRecord
 from nexus_tune.commands import cli
 from nexus_tune.commands.calibrate import RECORDS_FILE
+from nexus_tune.core import metrics
 from nexus_tune.core.profile import Profile
 from nexus_tune.core.testing import synthetic_profile
 from nexus_tune.core.workload import TraceRequest
@@ -77,7 +78,25 @@ def test_one_file_per_policy_with_every_rate_measured(eval_out):
     timeline = nexus["split_timeline"]
     assert timeline["rate"] in (40.0, 80.0) and timeline["splits"]
     assert all(0 <= sms <= timeline["total_sms"] for _, sms in timeline["splits"])
+    assert timeline["queue"] and all(0 <= waiting <= 5 for _, waiting in timeline["queue"])
     assert "chunked_efficiency" in files["tiny__mixed__chunked.json"]
+
+
+def test_split_timeline_counts_the_requests_still_without_a_first_token():
+    def step(start_ms: float, sms: int) -> StepRecord:
+        return StepRecord("decode", "decode", sms, 1, 0, 0, 1, 10, 0, 0, 0.1, 1.0, start_ms=start_ms)
+
+    def request(i: int, arrival_s: float, first_s: float | None) -> metrics.RequestRecord:
+        return metrics.RequestRecord(str(i), arrival_s, 10, first_token_s=first_s)
+
+    # the steps' time zero is 100 s on the records' clock; the first step starts 1 s later; request 5
+    # never got a first token (aborted)
+    times = [(100.5, 101.5), (100.9, 102.5), (102.6, 103.2), (102.7, 103.9), (102.8, 104.5), (104.9, None)]
+    records = [request(i, arrival, first) for i, (arrival, first) in enumerate(times)]
+    rep = Replay(records, [step(1000.0, 100), step(2000.0, 90), step(5000.0, 90)], 100.0, 0, 0, [], True, None, 4.0)
+    timeline = paper_eval.split_timeline(rep, total_sms=132, points=5)  # at 0, 1, 2, 3, 4 s from the first step
+    assert timeline["splits"] == [[0.0, 32], [1.0, 42]]
+    assert timeline["queue"] == [[0.0, 2], [1.0, 1], [2.0, 3], [3.0, 1], [4.0, 1]]
 
 
 def test_resume_runs_no_rate_twice(eval_out, tiny_profile, tmp_path):

@@ -1,9 +1,9 @@
 """The inner loop shared by the decode and prefill attention kernels.
 
-A run of query rows (the query heads of one KV head for decode, a tile of queries for prefill)
-attends to KV positions [lo, hi) of one sequence. With PAGED they are read from the paged cache
-`[num_blocks, PAGE, Hkv, D]` through the sequence's block-table row: a KV tile of BLOCK_N
-positions may span several pages, so each row of the tile looks up its own page id (a gather).
+A run of query rows of one KV head (its query heads for decode, (token, query head) pairs for
+prefill) attends to KV positions [lo, hi) of one sequence. With PAGED they are read from the
+paged cache `[num_blocks, PAGE, Hkv, D]` through the sequence's block-table row: a KV tile of
+BLOCK_N positions may span several pages, so each row of the tile looks up its own page id (a gather).
 Without it they are rows `row_base + position` of a contiguous [T, Hkv, D] tensor (a prefill
 chunk's own K/V, fresh from the projection): plain strided loads.
 Softmax is online in base 2 (`qk_scale` already holds log2(e)), accumulation in fp32.

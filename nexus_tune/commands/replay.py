@@ -107,6 +107,7 @@ class Replay:
 
     records: list[metrics.RequestRecord]
     steps: list[StepRecord]
+    steps_origin_s: float  # perf_counter seconds of the steps' time zero (the records' clock)
     split_switches: int
     preemptions: int
     decide_us: list[float]  # controller decisions (nexus), microseconds each
@@ -169,7 +170,8 @@ class PolicyEngine:
         wall_s = time.perf_counter() - t0
         blocks_back = wait_for_blocks(self.engine)
         after = self.engine.stats()
-        return Replay(records, core.step_records()[first_step:], after["split_switches"] - before["split_switches"],
+        return Replay(records, core.step_records()[first_step:], core.step_origin_s(),
+                      after["split_switches"] - before["split_switches"],
                       after["num_preemptions"] - before["num_preemptions"], list(self.decide_us), blocks_back,
                       stopped, wall_s)
 

@@ -20,8 +20,9 @@ approaches r_sat + 1/decay. The whole GPU (sms == total_sms, no partition) gets 
 `whole`: cuBLAS picks kernels for the whole chip and a partition loses more than its SM share.
 
 `waves` (prefill attention, when the model's query heads are known; else 1): the kernel runs one
-program per (64-token query tile, head), g of them per tile per SM's resident slots, so a step
-takes ceil(x) waves where x = ceil(P_T / 64) * g / sms, and SMs short of another whole wave do
+program per 64-row tile of (token, query head) rows of one KV head (GQA packed: 64 / G tokens of the
+G query heads sharing it), as many programs per 64 tokens as query heads, g of them per SM's
+resident slots, so a step takes ceil(x) waves where x = ceil(P_T / 64) * g / sms, and SMs short of another whole wave do
 not help. Only the prefix's share of the work, KV_p / (KV_p + P_T/2), quantizes (the causal part
 differs by tile and the heaviest-first order packs it):
 
