@@ -18,7 +18,8 @@ what they name:
   --tune-trials trials on Poisson arrivals of seed 0;
 - best static: the static split with the highest mean capacity, chosen with hindsight per setup
   and arrival pattern among --statics (default: every split from a quarter to 90% of the GPU's
-  SMs, thinned to STATIC_CANDIDATES; the engine backend runs the simulator's pick only);
+  SMs, thinned to STATIC_CANDIDATES, then the splits beside the best of those; the engine
+  backend runs the simulator's pick only);
 - chunked (vLLM v1) and prefill-first (SGLang).
 The table and `capacity.json` go to --out. The engine backend builds one engine per policy
 (random weights, the setup's model unless --model), starts each search at the simulator's capacity
@@ -72,8 +73,8 @@ class Setup:
 
 
 SETUPS = {
-    "llama-mixed": Setup("profiles/h100-80gb-hbm3/llama-3.1-8b.json", "mixed", "ttft=3000,tpot=50"),
-    "qwen-longdata": Setup("profiles/h100-80gb-hbm3/qwen2.5-3b.json", "longdata", "ttft=3000,tpot=30", "qwen2.5-3b"),
+    "llama-mixed": Setup("profiles/h200/llama-3.1-8b.json", "mixed", "ttft=3000,tpot=50"),
+    "qwen-longdata": Setup("profiles/h200/qwen2.5-3b.json", "longdata", "ttft=3000,tpot=30", "qwen2.5-3b"),
     # Two GPUs the repository has no profile of: the H100-like synthetic truth, and a slower one
     # with fewer SMs, a finer split granularity and less KV memory.
     "synthetic-132sm": Setup({"total_sms": 132, "granularity": 8}, "mixed", "ttft=3000,tpot=50"),
@@ -170,6 +171,20 @@ def static_candidates(profile: Profile, statics: str | None) -> list[str]:
     return [f"static:{s}" for s in fit[::-step][::-1]]  # thinned from the top: the large splits matter
 
 
+def neighbours(profile: Profile, statics: list[str], searches: list[Search]) -> list[str]:
+    """The splits beside each arrival pattern's best static that the thinned candidates skipped: the
+    best fixed split may be one of them (on the H200 profiles, 104 SMs beat the candidates' 96)."""
+    splits = sorted(profile.split_sms)
+    found = []
+    for arrivals in dict.fromkeys(s.arrivals for s in searches):
+        def mean(policy: str) -> float:
+            return statistics.mean(s.capacity for s in searches if s.column == policy and s.arrivals == arrivals)
+
+        best = splits.index(int(max(statics, key=mean).partition(":")[2]))
+        found += [f"static:{splits[i]}" for i in (best - 1, best + 1) if 0 <= i < len(splits)]
+    return [p for p in dict.fromkeys(found) if p not in statics]
+
+
 def tuned_knobs(profile: Profile, setup: Setup, slos: dict[str, float], args: argparse.Namespace) -> ControllerKnobs:
     if profile.tuned_knobs and not args.retune:
         return ControllerKnobs.for_profile(profile, slos)
@@ -193,10 +208,20 @@ def run_setup(name: str, args: argparse.Namespace, method: Method) -> dict[str, 
     searches = [Search(c, p, k, seed, arrivals) for c, (p, k) in columns.items() for arrivals in args.arrivals
                 for seed in method.seeds]
     t0 = time.perf_counter()
-    jobs = [(profile, setup.workload, slos, method, replace(s), start, ceiling) for s in searches]
-    simulations = parallel_map(simulated, jobs, args.workers)
+
+    def on_simulator(todo: list[Search]) -> list[Search]:
+        jobs = [(profile, setup.workload, slos, method, replace(s), start, ceiling) for s in todo]
+        return parallel_map(simulated, jobs, args.workers)
+
+    simulations = on_simulator(searches)
     if args.backend == "sim":
         searches = simulations
+        if statics and not args.statics:  # the best static among every split near the candidates' best
+            extra = neighbours(profile, statics, searches)
+            searches += on_simulator([Search(p, p, untuned, seed, arrivals) for p in extra
+                                      for arrivals in args.arrivals for seed in method.seeds])
+            statics += extra
+            columns.update({p: (p, untuned) for p in extra})
     else:  # each search starts where the simulator put its capacity
         searches = on_engine(profile, setup, slos, method, searches, [s.capacity or start for s in simulations], args)
     console.print(f"{name}: {len(searches)} capacity searches in {time.perf_counter() - t0:.0f} s")

@@ -1,5 +1,6 @@
 import math
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -139,6 +140,48 @@ def test_slo_mode_keeps_decode_within_its_allowance_however_late_the_queue():
               for w in (0.0, 1000.0, 1900.0, 5000.0)]
     assert len(set(splits)) == 1
     assert MODEL.predict_decode(128, 128 * 2048, TOTAL - splits[0], 2048, 0) <= 40 * 0.9
+
+
+# -- decode pause ------------------------------------------------------------------------------
+
+def pause_wait_ms(knobs: ControllerKnobs, here: int, s: StepState) -> float:
+    """What a decode pause costs the running requests: the prefill in flight on split `here`, one
+    prefill step on the whole GPU, then their next decode step."""
+    kv_p = quantize_kv(s.prefill_kv)
+    return (MODEL.predict_prefill(s.prefill_tokens, kv_p, here) + MODEL.predict_prefill(s.prefill_tokens, kv_p, TOTAL)
+            + knobs.tbt_target_ms)
+
+
+def late_queue(slack_ms: float) -> StepState:
+    """Prompts that cannot drain by their TTFT budget at any split, beside a decode batch."""
+    return StepState(200_000, 2048, 0, 64, 64 * 2000, 0.3, 2500.0, slack_ms)
+
+
+def test_decode_pauses_only_when_the_running_requests_slack_covers_it():
+    knobs = ControllerKnobs(delta=0)
+    c = Controller(MODEL, SPLITS, TOTAL, knobs)
+    here = c.decide(late_queue(0.0))  # no slack: the usual split
+    assert here in SPLITS
+    need = pause_wait_ms(knobs, here, late_queue(0.0))
+    assert c.decide(late_queue(need - 1.0)) == here  # one ms short: no pause
+    assert c.decide(late_queue(need + 1.0)) == TOTAL  # the whole GPU to prefill, decode waits
+    assert c.decide(late_queue(need - 1.0)) == here  # and back once the slack is spent
+
+
+def test_no_decode_pause_while_the_queue_meets_its_ttft_budget_or_in_paper_mode():
+    on_time = StepState(4096, 2048, 0, 64, 64 * 2000, 0.3, 10.0, 1e6)  # ample slack, a short fresh queue
+    assert Controller(MODEL, SPLITS, TOTAL, ControllerKnobs()).decide(on_time) in SPLITS
+    assert Controller(MODEL, SPLITS, TOTAL, ControllerKnobs(mode="paper")).decide(late_queue(1e6)) in SPLITS
+
+
+@settings(max_examples=150, deadline=None)
+@given(knob_st, state_st(), st.floats(0.0, 5000.0))
+def test_a_pause_never_exceeds_the_banked_slack(knobs, s, slack):
+    c = Controller(MODEL, SPLITS, TOTAL, knobs)
+    here = c.decide(s)  # no slack in `s`: never a pause
+    assert here in SPLITS
+    if c.decide(replace(s, decode_slack_ms=slack)) == TOTAL:
+        assert knobs.mode == "slo" and slack >= pause_wait_ms(knobs, here, s)
 
 
 @pytest.mark.parametrize("mode", ["paper", "slo"])

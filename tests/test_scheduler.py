@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexus_tune.core.block_manager import BlockManager
-from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.controller import ControllerKnobs, StepState
 from nexus_tune.core.testing import synthetic_latency_model
 from nexus_tune.core.scheduler import DecodeBatch, MixedBatch, PrefillBatch, Scheduler, parse_policy
 from nexus_tune.core.sequence import SamplingParams, Sequence, SequenceStatus
@@ -130,6 +130,11 @@ def drive(sched: Scheduler, seqs: list[Sequence], aborts: dict[int, list[str]] |
             elif step is not None:
                 check_decode(sched, step)
     raise AssertionError(f"not done after {max_ticks} ticks: {sched.stats()}")
+
+
+def always_pause(s: StepState) -> int:
+    """A controller that pauses decode whenever prompts wait: the whole GPU to prefill."""
+    return TOTAL if s.queued_prefill_tokens else 0
 
 
 def workload(n: int = 16) -> list[Sequence]:
@@ -436,6 +441,71 @@ def test_nexus_gives_the_whole_gpu_to_the_only_busy_phase_and_never_overlaps():
     assert decode.sms + batch.sms <= TOTAL
 
 
+def test_a_decode_pause_idles_decode_until_a_prefill_step_on_the_whole_gpu():
+    sched = make_scheduler("nexus", knobs=ControllerKnobs(prefill_chunk_tokens=100))
+    sched.add(make_seq(0, 50, 20))
+    finish_prefill(sched, sched.schedule_prefill(0.0), 0.1)
+    sched.add(make_seq(1, 400, 20, 0.1))  # four chunks
+    prefill = sched.schedule_prefill(0.1)
+    assert prefill.sms in SPLITS
+    sched.controller.decide = always_pause
+    assert sched.schedule_decode(0.11) is None  # decode waits for the prefill in flight ...
+    assert sched.schedule_decode(0.12) is None
+    finish_prefill(sched, prefill, 0.15)
+    prefill = sched.schedule_prefill(0.15)
+    assert prefill.sms == TOTAL  # ... and the next step, on the whole GPU
+    assert sched.schedule_decode(0.16) is None
+    sched.controller.decide = lambda s: 64  # the slack is spent: the split again
+    finish_prefill(sched, prefill, 0.2)
+    assert sched.schedule_prefill(0.2).sms == 64
+    assert sched.schedule_decode(0.2).sms == TOTAL - 64
+
+
+def test_the_whole_gpu_prefill_of_a_pause_waits_for_the_lookahead_decode_step():
+    sched = make_scheduler("nexus", knobs=ControllerKnobs(prefill_chunk_tokens=100))
+    sched.add(make_seq(0, 50, 20))
+    finish_prefill(sched, sched.schedule_prefill(0.0), 0.1)
+    sched.add(make_seq(1, 400, 20, 0.1))
+    prefill, decode = sched.schedule_prefill(0.1), sched.schedule_decode(0.1)
+    sched.controller.decide = always_pause
+    assert sched.schedule_decode(0.11) is None  # the lookahead step: decode pauses
+    finish_prefill(sched, prefill, 0.12)
+    assert sched.schedule_prefill(0.12) is None  # the decode step in flight still holds its SMs
+    finish_decode(sched, decode, 0.13)
+    assert sched.schedule_prefill(0.13).sms == TOTAL
+
+
+def test_a_decode_pause_never_stalls_decode_when_no_prompt_can_be_admitted():
+    sched = make_scheduler("nexus", max_num_seqs=1)
+    sched.add(make_seq(0, 50, 20))
+    finish_prefill(sched, sched.schedule_prefill(0.0), 0.1)
+    sched.add(make_seq(1, 50, 20, 0.1))  # waits for a free sequence slot
+    sched.controller.decide = always_pause
+    assert sched.schedule_prefill(0.1) is None
+    decode = sched.schedule_decode(0.1)
+    assert decode.sms == TOTAL  # no prefill runs: decode takes the free GPU, the pause would follow it
+    finish_decode(sched, decode, 0.11)
+    assert sched.schedule_prefill(0.11) is None  # still no room: the pause is dropped
+    assert sched.schedule_decode(0.11) is not None
+
+
+@pytest.mark.parametrize("quantile, slack_ms", [(0.0, 30.0), (1.0, 110.0)])
+def test_the_decode_slack_is_the_tpot_slack_banked_at_the_quantile(quantile, slack_ms):
+    knobs = ControllerKnobs(tbt_ms=50, tbt_margin=0.2, pause_quantile=quantile, prefill_chunk_tokens=100)
+    sched = make_scheduler("nexus", knobs=knobs)  # a TBT target of 40 ms
+    states = []
+    sched.controller.decide = lambda s: states.append(s) or 64
+    sched.add(make_seq(0, 50, 20))
+    finish_prefill(sched, sched.schedule_prefill(0.0), 1.0)  # first token at 1 s
+    for t in (1.01, 1.02, 1.03):  # three more, 10 ms apart: next one due at 1000 + 4 x 40 ms
+        finish_decode(sched, sched.schedule_decode(t), t)
+    sched.add(make_seq(1, 50, 20, 1.03))
+    finish_prefill(sched, sched.schedule_prefill(1.03), 1.04)  # first token at 1.04 s: next due at 1080 ms
+    sched.add(make_seq(2, 50, 20, 1.05))
+    sched.schedule_prefill(1.05)
+    assert states[-1].decode_slack_ms == pytest.approx(slack_ms)  # the least, the most, at 1050 ms
+
+
 def test_static_keeps_its_split():
     sched = make_scheduler("static:40")
     sched.add(make_seq(0, 100, 20))
@@ -447,11 +517,14 @@ def test_static_keeps_its_split():
 
 # -- threads ---------------------------------------------------------------------------------------
 
-def test_two_threads_drive_the_scheduler_to_completion():
+@pytest.mark.parametrize("pause", [False, True], ids=["splits", "decode pauses"])
+def test_two_threads_drive_the_scheduler_to_completion(pause):
     """The engine's prefill and decode loops, as threads sharing one scheduler."""
     seqs = workload(24)
     expected = [reference_output(s) for s in seqs]
     sched = make_scheduler("nexus", num_blocks=40, knobs=ControllerKnobs(prefill_chunk_tokens=24))
+    if pause:
+        sched.controller.decide = always_pause
     for s in seqs:
         sched.add(s)
     errors = []
@@ -481,20 +554,23 @@ def test_two_threads_drive_the_scheduler_to_completion():
 
 
 @settings(max_examples=40, deadline=None)
-@given(policy=st.sampled_from(POLICIES), num_blocks=st.integers(14, 60), chunk=st.integers(1, 64),
+@given(policy=st.sampled_from([*POLICIES, "nexus-pausing"]), num_blocks=st.integers(14, 60), chunk=st.integers(1, 64),
        lengths=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 16), st.integers(0, 6)), min_size=1, max_size=14),
        abort_ticks=st.lists(st.one_of(st.none(), st.integers(0, 30)), max_size=14))
 def test_random_loads_complete_with_identical_outputs(policy, num_blocks, chunk, lengths, abort_ticks):
     """Any load whose requests each fit the cache completes, preempted or not, with the reference
-    outputs; requests aborted anywhere (queued, prefilling, decoding, in flight) return their blocks."""
+    outputs; requests aborted anywhere (queued, prefilling, decoding, in flight) return their blocks.
+    `nexus-pausing`: decode pauses whenever prompts wait (the protocol under the most pauses)."""
     seqs = [make_seq(i, prompt, out, arrival) for i, (prompt, out, arrival) in enumerate(lengths)]
     expected = [reference_output(s) for s in seqs]
     aborts: dict[int, list[str]] = {}
     for seq, tick in zip(seqs, abort_ticks):
         if tick is not None:
             aborts.setdefault(tick, []).append(seq.seq_id)
-    sched = make_scheduler(policy, num_blocks=num_blocks, knobs=ControllerKnobs(prefill_chunk_tokens=chunk),
-                           mixed_token_budget=chunk + 8, max_num_seqs=8)
+    sched = make_scheduler(policy.removesuffix("-pausing"), num_blocks=num_blocks,
+                           knobs=ControllerKnobs(prefill_chunk_tokens=chunk), mixed_token_budget=chunk + 8, max_num_seqs=8)
+    if policy.endswith("-pausing"):
+        sched.controller.decide = always_pause
     drive(sched, seqs, aborts)
     for seq, want in zip(seqs, expected):
         assert seq.output_token_ids == want if seq.status is SequenceStatus.FINISHED else seq.block_table == []

@@ -1,7 +1,9 @@
 """The split controller: step state + step times -> prefill SM count of a pre-created split.
 
 Return values: 0 gives the whole GPU to decode (no prefill waits), `total_sms` gives it to
-prefill (nothing decodes), anything else is one of the interior splits the engine pre-created.
+prefill (nothing decodes, or a decode pause: decode waits for one whole-GPU prefill step; the
+scheduler's docstring says how the loops honor it), anything else is one of the interior splits
+the engine pre-created.
 
 Step times are a loop's cycles as the engine runs them (`overhead.StepTimes`): the profile's
 curve under the engine's online correction, plus the host work per step the profile's
@@ -19,7 +21,17 @@ Modes (`ControllerKnobs.mode`):
   loaded alike), or giving prefill only what the queue needs, carried up to 20% less and never
   more than 1% more, on four setups under Poisson and bursty arrivals, tight TTFT SLOs included
   (docs/performance.md, "Controller rules"): past its saturation prefill gains little from the
-  SMs that decode, and every running request, needs.
+  SMs that decode, and every running request, needs. Raising the allowance by the TPOT slack the
+  running requests banked, or dropping its margin, moved no capacity either: prefill runs ~4%
+  faster per 8 SMs past 104 of 132, so the split barely matters there.
+  Decode pause: the whole GPU prefills ~12% faster than the usual split, and TPOT is a request's
+  mean, so a request that decoded faster than the target banked slack (`StepState.decode_slack_ms`,
+  at `pause_quantile` over the running requests). When that slack covers decode's wait (the
+  prefill in flight on the current split, then one step on the whole GPU) plus its next step, and
+  the queue would miss its TTFT budget at the current split, decode pauses. Only when the queue is
+  late: pausing whenever slack allowed traded TPOT misses (short outputs) for TTFT ones one for
+  one on llama Mixed. It carries up to ~2% more on qwen Long Data and synthetic Poisson, nothing
+  on llama Mixed, whose decode banks little beside a prefill (docs/performance.md).
 - `paper` (Nexus, for the reproduction): while KV-cache use <= kv_threshold, prefill-first: the
   most prefill SMs whose decode step stays within beta x the decode step on decode's largest
   side of any split; above it, decode-first: the fewest prefill SMs whose prefill step stays
@@ -88,6 +100,7 @@ class ControllerKnobs:
     tbt_ms: float = DEFAULT_SLOS["tpot"]  # and TPOT, the slo mode's decode step target
     ttft_margin: float = 0.1  # aim this share below the target
     tbt_margin: float = 0.1
+    pause_quantile: float = 0.2  # slo decode pause: the share of running requests whose slack may fall short
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -95,7 +108,7 @@ class ControllerKnobs:
         for name in ("alpha", "beta"):
             if not getattr(self, name) >= 1.0:
                 raise ValueError(f"{name} must be >= 1 (a slowdown bound), got {getattr(self, name)!r}")
-        for name in ("kv_threshold", "delta", "ttft_margin", "tbt_margin"):
+        for name in ("kv_threshold", "delta", "ttft_margin", "tbt_margin", "pause_quantile"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not self.gamma >= 0:
@@ -105,6 +118,11 @@ class ControllerKnobs:
         for name in ("ttft_ms", "tbt_ms"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    @property
+    def tbt_target_ms(self) -> float:
+        """The decode step time slo mode plans for: tbt_ms less its margin."""
+        return self.tbt_ms * (1 - self.tbt_margin)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,6 +207,7 @@ class StepState:
     decode_kv: int = 0  # KV_d: KV tokens one decode step reads
     kv_usage: float = 0.0  # share of KV blocks in use
     oldest_wait_ms: float = 0.0  # age of the oldest request still waiting for its first token
+    decode_slack_ms: float = 0.0  # TPOT slack the running requests banked, at knobs.pause_quantile
 
 
 def quantize_kv(kv: int) -> int:
@@ -230,7 +249,7 @@ class Controller:
         """The prefill SM count for the next step."""
         if s.queued_prefill_tokens <= 0:
             self.current = 0
-        elif s.decode_batch <= 0:
+        elif s.decode_batch <= 0 or (self.knobs.mode == "slo" and self._pause(s)):
             self.current = self.total_sms
         else:
             target, constraint = self._slo(s) if self.knobs.mode == "slo" else self._paper(s)
@@ -306,13 +325,26 @@ class Controller:
         constraint = (lambda i: decode_ms(total - splits[i]) <= tbt, True)
         return self._walk(*constraint, self._last_interior), constraint
 
+    def _pause(self, s: StepState) -> bool:
+        """A decode pause: the running requests' banked slack covers decode's wait (at most the
+        prefill step in flight on the current split, then one on the whole GPU) and its step after
+        it, and the queue would miss its TTFT budget at the current split (else the pause buys
+        nothing and spends slack that a model error may need)."""
+        k, here = self.knobs, self.splits[self._last_interior]
+        if s.decode_slack_ms <= k.tbt_target_ms:  # the common case, without a curve
+            return False
+        _, prefill_ms = self._step_times(s, contended=False)
+        if s.decode_slack_ms < prefill_ms(here) + prefill_ms(self.total_sms) + k.tbt_target_ms:
+            return False
+        drain_ms = s.queued_prefill_tokens / max(s.prefill_tokens, 1) * prefill_ms(here)
+        return s.oldest_wait_ms + drain_ms >= k.ttft_ms * (1 - k.ttft_margin)
+
     def _tbt_allowance(self) -> float:
         """The decode step time allowed now: the target (tbt_ms less its margin), less what the
         recent decode steps overran it by (their mean and the allowance average to the target:
         a run of slow steps, a tail the model did not see coming, is paid back by shifting SMs to
         decode)."""
-        k = self.knobs
-        target = k.tbt_ms * (1 - k.tbt_margin)
+        target = self.knobs.tbt_target_ms
         recent = self.times.recent_decode_ms_
         self.tbt_allowance_ms = target if recent is None else min(2 * target - recent, target)
         return self.tbt_allowance_ms

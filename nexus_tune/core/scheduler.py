@@ -33,6 +33,15 @@ batch holding it finishes. The single-loop policies may look ahead only past a d
 after a batch with prompt chunks they schedule once it finished. The simulator finishes every
 batch before the next, so it never looks ahead.
 
+Decode pause (nexus): the controller may give prefill the whole GPU while requests decode
+(controller.py says when). When the decode loop gets that decision while a prefill runs, it
+launches nothing until the next prefill step has started on every SM; that step waits for a
+decode step still in flight (the engine's lookahead one) to end. When no prefill runs (none could
+be formed, or the prefill loop has yet to ask), decode runs this step on the free SMs and the
+pause starts after it, so a queue that no KV admits never stalls decode. When the prefill loop
+gets the decision while decode runs, the prefill takes the free SMs. The simulator and the
+engine's decode loop both see None from `schedule_decode` and idle.
+
 Time is passed in (`now`, seconds); nothing here reads a clock. One lock guards all state;
 `wait` lets a loop sleep until another thread changed it.
 """
@@ -151,9 +160,11 @@ class Scheduler:
         self._num_decoding = 0
         self._queued_tokens = 0  # tokens still to prefill, over waiting and prefilling sequences
         self._decode_kv = 0  # sum of num_tokens over decoding sequences
+        self._due_ms: float | None = None  # _decode_slack_ms's due instant, until the decoding sequences change
         self._prefill_batch: PrefillBatch | None = None  # in flight
         self._decode_batches: list[DecodeBatch] = []  # in flight: at most two (lookahead)
         self._prefill_sms = 0  # SMs held by the batches in flight on each side
+        self._pause_pending = False  # nexus: decode paused; the next prefill step gets the whole GPU
         self.split = self.static_sms if self.policy == "static" else total_sms
         self.num_preemptions = 0
 
@@ -205,12 +216,17 @@ class Scheduler:
         with self._lock:
             self._require(self.two_loops and self._prefill_batch is None, "schedule_prefill")
             free_sms = self.total_sms - self._decode_sms
-            if free_sms <= 0:
-                return None
+            if free_sms <= 0 or (self._pause_pending and free_sms < self.total_sms):
+                return None  # a decode pause: wait for decode's last step (a lookahead one) to end
             batch = self._form_prefill(self.knobs.prefill_chunk_tokens)
             if batch is None:
+                self._pause_pending = False  # nothing to pause decode for
                 return None
-            batch.sms = min(self._decide(now, batch.num_tokens, batch.prefix_tokens), free_sms)
+            if self._pause_pending:
+                batch.sms = self.split = self.total_sms
+                self._pause_pending = False
+            else:
+                batch.sms = min(self._decide(now, batch.num_tokens, batch.prefix_tokens), free_sms)
             self._prefill_batch, self._prefill_sms = batch, batch.sms
             return batch
 
@@ -219,13 +235,19 @@ class Scheduler:
         with self._lock:
             self._require(self.two_loops and len(self._decode_batches) <= 1, "schedule_decode")
             free_sms = self.total_sms - self._prefill_sms
-            if free_sms <= 0 or not self._num_decoding:
+            if free_sms <= 0 or not self._num_decoding or self._pause_pending:
                 return None
+            prefill_sms = self._decide(now, *self._prefill_load())
+            if prefill_sms == self.total_sms:  # a decode pause: the next prefill step gets the whole GPU
+                self._pause_pending = True
+                if self._prefill_batch is not None:
+                    return None  # decode waits for the prefill in flight, then that step
             batch = self._form_decode()
             if batch is None:
                 return None
-            p_t, kv_p = self._prefill_load()
-            batch.sms = min(self.total_sms - self._decide(now, p_t, kv_p), free_sms)
+            # No prefill runs yet (none could be formed, or the prefill loop has yet to ask): this step
+            # takes what is free, and the prefill waits for it (a KV-bound queue never stalls decode).
+            batch.sms = min(self.total_sms - prefill_sms, free_sms) or free_sms
             self._decode_batches.append(batch)
             return batch
 
@@ -312,6 +334,7 @@ class Scheduler:
                     seq.status = DECODING
                     self._num_decoding += 1
                     self._decode_kv += seq.num_tokens
+                    self._due_ms = None
                 elif self.policy != "chunked":  # chunked keeps it in `running` order instead
                     self._partial[seq.seq_id] = seq
             self._retire_finished(finished, now, fence)
@@ -331,6 +354,7 @@ class Scheduler:
                 seq.token_ids.append(token)
                 grown += 1
             self._decode_kv += grown
+            self._due_ms = None
             self._retire_finished(finished, now, fence)
             self._changed.notify_all()
 
@@ -503,6 +527,7 @@ class Scheduler:
         if seq.status is DECODING:
             self._num_decoding -= 1
             self._decode_kv -= seq.num_tokens
+            self._due_ms = None
 
     def _retire(self, seq: Sequence, status: SequenceStatus, now: float | None, fence: Fence | None) -> None:
         """Finish or abort: leave every queue; free the blocks unless a batch in flight still uses them."""
@@ -537,9 +562,23 @@ class Scheduler:
             heapq.heappop(heap)  # it has its first token (or is gone) and never waits for one again
         return (now - heap[0][0]) * 1e3 if heap else 0.0
 
+    def _decode_slack_ms(self, now: float) -> float:
+        """The TPOT slack (ms) the running requests banked, at knobs.pause_quantile (0: the least). A
+        request's mean TPOT stays on the target while its next token lands by its first token's time
+        plus its tokens so far x the target; its slack is that instant less `now`. Only a decode pause
+        reads it: 0 unless prompts wait beside a decode batch. O(running) once per decode step."""
+        if not self._queued_tokens or not self._num_decoding:
+            return 0.0
+        if self._due_ms is None:
+            target = self.knobs.tbt_target_ms
+            due = sorted(seq.first_token_time * 1e3 + seq.num_output_tokens * target
+                         for seq in self._running.values() if seq.status is DECODING)
+            self._due_ms = due[int(self.knobs.pause_quantile * (len(due) - 1))]
+        return self._due_ms - now * 1e3
+
     def _decide(self, now: float, prefill_tokens: int, prefill_kv: int) -> int | None:
         if self.controller is not None:
             state = StepState(self._queued_tokens, prefill_tokens, prefill_kv, self._num_decoding,
-                              self._decode_kv, self.bm.usage, self._oldest_wait_ms(now))
+                              self._decode_kv, self.bm.usage, self._oldest_wait_ms(now), self._decode_slack_ms(now))
             self.split = self.controller.decide(state)
         return self.split
