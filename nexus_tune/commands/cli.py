@@ -120,7 +120,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="time prefill and decode over SM counts, fit and save the latency model")
     p.add_argument("--model", help="preset name (llama-3.1-8b, qwen2.5-3b, ...) or a checkpoint folder")
     p.add_argument("--out", default="profiles", help="folder that receives <gpu-slug>/<model-slug>.json")
-    p.add_argument("--quick", action="store_true", help="a coarse grid: about two minutes")
+    sweep = p.add_mutually_exclusive_group()
+    sweep.add_argument("--quick", action="store_true", help="a smaller time budget: under a minute (full: three)")
+    sweep.add_argument("--from", dest="from_profile", metavar="PROFILE",
+                       help="rescale this profile of the same model on another GPU from a short sweep (~45 s)")
     p.add_argument("--device", type=nonnegative_int, default=0, help="CUDA device index")
     p.set_defaults(handler="nexus_tune.commands.profiler:run_profile")
     profile_sub = p.add_subparsers(dest="profile_command")

@@ -1,47 +1,55 @@
 """The SM sweep behind `nexus-tune profile`: time real model steps on every side of the splits.
 
-1. Identify the GPU, pre-create every split (green contexts), build the model runner (engine,
-   imported here and only here, lazily).
+1. Identify the GPU, pre-create every split (green contexts), start the processes that fit, build
+   the model runner (engine, imported here and only here, lazily).
 2. A pilot step of each phase on the whole GPU warms the kernels up and calibrates a roofline
-   estimate of every step's time and the host time per point (input preparation, decode graph
-   capture). The estimate plans the grid (points too slow to be worth their time are left out;
-   SM counts are thinned if the sweep would overrun the budget) and drives the progress bar's ETA.
-3. Time each point: prefill on the prefill stream of a split with that many SMs, decode as a
-   CUDA graph captured on the decode stream (the runner captures it there); warm-up, repeats,
-   median. Per operator class (attention, dense) and whole step. Held-out points sit at SM counts
-   and sizes the fit never sees. Contention: decode graph replays timed with events while a
-   prefill runs on the complementary partition.
-4. Fit the LatencyModel on the training points, score it on the held-out ones and by k-fold
-   cross-validation over every point (core/crossval.py), save the profile.
+   estimate of every step's time and the host time per point (input preparation, graph capture).
+   The estimate plans the sweep and drives the progress bar; the pace measured so far (wall time
+   over estimate) converts the command's wall-clock budget into estimated seconds.
+3. The adaptive sweep (core/grid.py `AdaptiveSweep`, settings in `SWEEPS`): a coarse pass over the
+   grid's ends and random held-out points, then rounds of fit (the LatencyModel and its k-fold
+   cross-validation, in parallel processes) and points where the fits disagree or mispredict their
+   measured neighbours, until the budget is spent. Timing a point: prefill on the prefill stream of
+   a split with that many SMs, decode as a CUDA graph captured on the decode stream; warm-up,
+   repeats, median; per operator class (attention, dense) and whole step. Contention: decode graph
+   replays timed with events while a prefill runs on the complementary partition.
+4. The last round's fit, which saw every sample, is the profile's model; its error on the random
+   held-out points and its cross-validation are saved with it.
 
-Grids (H100: prefill sides 8..120 SMs, decode sides 124..12). Estimated sweep for Llama-3.1-8B
-at docs/performance.md rates and 0.15 s per graph capture (`tests/test_profiler.py` checks the
-budgets; the command adds ~15 s of loading, compiling and fitting):
-- full, ~4 min (budget 10): 11 of the 15 SM counts per phase + the whole GPU; prefill P_T
-  128/512/2048/8192 x KV_p 0/8192, decode B_d 1/8/32/128/256 x 512/4096 KV tokens per sequence,
-  each as attention, dense and whole step; held out: the other 4 SM counts x 3 off-grid sizes
-  per phase; contention at 3 splits x 4 prefills (+2 held out). Runs estimated above 1 s are
-  left out (8192-token prefills on 8-16 SMs). 677 points.
-- quick, ~72 s (budget 2 min): 5 SM counts + the whole GPU; P_T 256/1024/4096 x KV_p 0/8192;
-  B_d 1/16/64/256 x 512/4096; held out: 2 SM counts x 2 sizes per phase; contention at 2 splits
-  x 3 prefills (+1 held out); runs above 0.4 s left out. 261 points.
+`--from OTHER.json` (the same model profiled on another GPU): a short sweep, and OTHER's model
+rescaled to it (core/profile.py `rescale_fit`), unless a fresh fit of the new points cross-validates
+better (OTHER's curve shapes do not carry over); the error is reported on the new points held out.
+
+Budgets (whole command, `SWEEPS`): full 165 s, quick 50 s, --from 45 s; `tests/test_grid_adaptive.py`
+checks that the sweep stays within them by the estimate.
 """
 from __future__ import annotations
 import math
+import multiprocessing
+import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 from nexus_tune.core.latency_model import LatencyModel, Sample
-from nexus_tune.core.crossval import TARGET_MAPE_PCT, TARGET_WORST_PCT
-from nexus_tune.core.profile import Profile, ProfileError, fit_latency_model, model_slug, profile_path
+from nexus_tune.core.crossval import FOLDS, TARGET_MAPE_PCT, TARGET_WORST_PCT, Map
+from nexus_tune.core.profile import (SCALE_NAMES, Profile, ProfileError, model_slug, profile_path, rescale_fit,
+                                     rescaled)
 from nexus_tune.commands.profile_view import summary_tables
-from nexus_tune.core.grid import (CONTENDED_STEPS, PILOT_DECODE, PILOT_PREFILL, WARMUP, Plan, Point, RooflineCost,
-                                  contention_window_ms, plan_grid, repeats)
+from nexus_tune.core.grid import (CONTENDED_STEPS, PILOT_DECODE, PILOT_PREFILL, ROUND_GROWTH, SWEEPS, WARMUP,
+                                  AdaptiveSweep, Fitted, Plan, Point, RooflineCost, adaptive_sweep,
+                                  contention_window_ms, fit_and_validate, fresh_fit, plan_sweep, repeats)
 
-BUDGET_S = {"full": 600.0, "quick": 120.0}  # whole command, load and fit included
-FIT_RESERVE_S = 20.0  # the fit and the cross-validation's FOLDS more (1-3 s each on the 2-core CPU machine)
+# Wall time kept back from the sweep: each fit round still to come takes the last one's time grown by
+# FIT_GROWTH (a round adds at most ROUND_GROWTH of the samples), and saving and printing the profile
+# take REPORT_S. FIRST_FIT_S: a guess until a round is timed (six fits in parallel processes, ~1-2 s each).
+FIT_GROWTH = 1.0 + ROUND_GROWTH
+REPORT_S = 3.0
+FIRST_FIT_S = 4.0
 
 
 # -- timing on the GPU -------------------------------------------------------------------------
@@ -126,13 +134,22 @@ def usable_splits(split_sms: Sequence[int], total_sms: int, min_partition: int) 
 
 
 class Sweep:
-    """Times plan points on the streams of a SplitTable through a PhaseRunner."""
+    """Times plan points on the streams of a SplitTable through a PhaseRunner, advancing a progress bar
+    by each point's estimate; keeps the pace (wall time over estimate) and what could not be timed."""
 
-    def __init__(self, runner: Any, table: Any) -> None:
-        self.runner, self.table = runner, table
+    def __init__(self, runner: Any, table: Any, progress: Any, task: Any) -> None:
+        self.runner, self.table, self.progress, self.task = runner, table, progress, task
         self.total_sms = table.total_sms
         self.by_decode_sms = {split.decode_sms: split for split in table}
         self.failed: dict[tuple[str, int], str] = {}  # (phase, SMs) whose kernels the GPU refused to run
+        self.skipped: list[str] = []
+        self.wall_s = self.estimated_s = 0.0  # spent measuring, and what the estimate said it would take
+        self.stop_at = math.inf  # time.perf_counter() past which the rest of a batch is left out
+
+    @property
+    def pace(self) -> float:
+        """Wall seconds per estimated second so far (1 before any point)."""
+        return self.wall_s / self.estimated_s if self.estimated_s else 1.0
 
     def stream(self, phase: str, sms: int) -> Any:
         if sms >= self.total_sms:
@@ -156,37 +173,36 @@ class Sweep:
         """What the runner sizes GEMMs for: a partition's SMs, None on the whole GPU."""
         return sms if sms < self.total_sms else None
 
-    def run(self, plan: Plan, console: Any) -> tuple[list[Sample], list[str]]:
-        """Every point of the plan, with a progress bar whose ETA follows the estimates."""
+    def run(self, plan: Plan, stage: str) -> list[Sample]:
+        """Every point of the plan, labelled `stage` on the bar, until `stop_at` (the rest of a round
+        are its least useful points: they come in the order the sweep chose them)."""
         import torch
-        from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
 
-        samples, skipped = [], []
-        columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn())
-        with Progress(*columns, console=console) as progress:
-            # The bar advances by estimated seconds, so its ETA is the estimate corrected by the pace so far.
-            task = progress.add_task("profiling", total=plan.seconds())
-            for i, p in enumerate(plan.points):
-                label = f"{p.phase} {p.part} size={p.size} kv={p.kv} on {p.sms} SMs" + (
-                    f" beside a {p.prefill_tokens}-token prefill" if p.prefill_tokens else "")
-                progress.update(task, description=f"[{i + 1}/{len(plan.points)}] {label}")
-                try:
-                    ms = None if (p.phase, p.sms) in self.failed else self.measure(p, plan.run_ms[i], plan.prefill_ms[i])
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    ms, label = None, label + " (out of memory)"
-                except RuntimeError as e:
-                    _check_gpu_alive(e)
-                    self.failed[(p.phase, p.sms)] = str(e).splitlines()[0]
-                    ms, label = None, label + f" (failed: {self.failed[(p.phase, p.sms)]})"
-                if ms is None:
-                    skipped.append(label)
-                else:
-                    samples.append(p.sample(ms))
-                progress.advance(task, plan.point_seconds(i))
-        return samples, skipped
+        samples, start = [], time.perf_counter()
+        for i, p in enumerate(plan.points):
+            if time.perf_counter() > self.stop_at:
+                self.skipped.append(f"{len(plan.points) - i} points of {stage}: the time budget ran out")
+                break
+            label = f"{p.phase} {p.part} size={p.size} kv={p.kv} on {p.sms} SMs" + (
+                f" beside a {p.prefill_tokens}-token prefill" if p.prefill_tokens else "")
+            self.progress.update(self.task, description=f"{stage} [{i + 1}/{len(plan.points)}] {label}")
+            try:
+                ms = None if (p.phase, p.sms) in self.failed else self.measure(p, plan.run_ms[i], plan.prefill_ms[i])
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                ms, label = None, label + " (out of memory)"
+            except RuntimeError as e:
+                _check_gpu_alive(e)
+                self.failed[(p.phase, p.sms)] = str(e).splitlines()[0]
+                ms, label = None, label + f" (failed: {self.failed[(p.phase, p.sms)]})"
+            if ms is None:
+                self.skipped.append(label)
+            else:
+                samples.append(p.sample(ms))
+            self.progress.advance(self.task, plan.point_seconds(i))
+            self.estimated_s += plan.point_seconds(i)
+        self.wall_s += time.perf_counter() - start
+        return samples
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -203,6 +219,28 @@ def _build_runner(model: str, device: int) -> tuple[Any, Any]:
     except ValueError as e:  # unknown preset, unreadable checkpoint, unsupported architecture
         raise ProfileError(f"cannot load model {model!r}: {e}") from None
     return runner, runner.config
+
+
+def _model_config(model: str) -> Any:
+    """The engine's ModelConfig of a preset or checkpoint folder, without loading weights."""
+    from engine.config import PRESETS, ConfigError, ModelConfig, get_preset
+
+    try:
+        return get_preset(model) if model in PRESETS else ModelConfig.from_pretrained(model)
+    except (ConfigError, OSError, ValueError) as e:
+        raise ProfileError(f"cannot load model {model!r}: {e}") from None
+
+
+def load_prior(path: str, model: str) -> Profile:
+    """The profile `--from` rescales: readable, and of this very model (its config hash), any GPU."""
+    prior = Profile.load(path)
+    config = _model_config(model)
+    if prior.model["config_hash"] != config.config_hash():
+        raise ProfileError(
+            f"--from {path} is a profile of {prior.model['name']} (config {prior.model['config_hash']}), not of "
+            f"{config.name} (config {config.config_hash()}): rescaling needs the same model profiled on another "
+            f"GPU; without one, profile from scratch: nexus-tune profile --model {model}")
+    return prior
 
 
 @dataclass(frozen=True)
@@ -226,9 +264,72 @@ def _pilot(runner: Any, table: Any) -> Pilot:
     return Pilot(_median_ms(prefill, table.whole, 100.0), _median_ms(decode, table.whole, 100.0), prep_s, capture_s)
 
 
-def profile_model(model: str, device: int, quick: bool, console: Any) -> Profile:
-    """Measure, fit and return the profile (not yet saved). Raises ProfileError for expected failures."""
+@contextmanager
+def _fit_workers() -> Iterator[Map]:
+    """A map that fits the folds (and the training fit) in parallel processes, spawned: a forked
+    child of a process that holds a CUDA context cannot use it, and the fit needs none."""
+    workers = min(FOLDS + 1, len(os.sched_getaffinity(0)))
+    if workers < 2:
+        yield map
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # They start now, and unpickling a function of the grid imports the fit there (~1 s), while the model loads.
+        pool.map(repeats, range(workers))
+        yield pool.map
+
+
+def _fit_better(prior_fit: Fitted, setup: LatencyModel, samples: list[Sample], map_: Map) -> tuple[Fitted, str]:
+    """The rescaled prior, or a fresh fit of the new points where it cross-validates better on average
+    over the groups (the prior's curve shapes did not carry over); and which one."""
+    fresh = fit_and_validate(partial(fresh_fit, setup), samples, map_=map_)
+
+    def mean_mape(f: Fitted) -> float:
+        return statistics.mean(g["mape_pct"] for g in f.cv.groups().values())
+
+    return (fresh, "fresh") if mean_mape(fresh) < mean_mape(prior_fit) else (prior_fit, "rescaled")
+
+
+@dataclass
+class _Budget:
+    """The command's wall-clock deadline, less the fits and the report still to come."""
+
+    deadline: float  # time.perf_counter() by which the profile is written
+    reserve_s: float  # kept for after the sweep's fits: the report (and --from's fresh fit)
+    fit_s: float = FIRST_FIT_S  # the last fit round's wall time
+
+    def wall_left(self, fits: int) -> float:
+        """Wall seconds measuring may still take once `fits` fit rounds still to come and the reserve
+        are taken off."""
+        return max(0.0, self.deadline - time.perf_counter() - fits * FIT_GROWTH * self.fit_s - self.reserve_s)
+
+
+def _sweep(sweep: AdaptiveSweep, bar: Sweep, fit: Callable[[list[Sample]], LatencyModel], map_: Map,
+           budget: _Budget) -> tuple[list[Sample], Fitted]:
+    """Run the adaptive sweep: measure what it asks for, fit in the worker processes, time each fit."""
+    stages = iter(["coarse pass"] + [f"round {n}/{sweep.spec.rounds}" for n in range(1, sweep.spec.rounds + 1)])
+
+    def fit_round(samples: list[Sample]) -> Fitted:
+        bar.progress.update(bar.task, description=f"fitting {len(samples)} samples ({FOLDS}-fold cross-validation)")
+        start = time.perf_counter()
+        fitted = fit_and_validate(fit, samples, map_=map_)
+        budget.fit_s = time.perf_counter() - start
+        return fitted
+
+    def seconds_left() -> float:
+        wall = budget.wall_left(sweep.rounds_left)  # a fit after each round left
+        bar.stop_at = time.perf_counter() + wall  # the first pass runs whole; a round stops at the deadline
+        bar.progress.update(bar.task, total=bar.estimated_s + wall / bar.pace)
+        return wall / bar.pace
+
+    return adaptive_sweep(sweep, lambda plan: bar.run(plan, next(stages)), fit_round, seconds_left)
+
+
+def profile_model(model: str, device: int, quick: bool, console: Any, prior: Profile | None = None) -> Profile:
+    """Measure, fit and return the profile (not yet saved); with `prior`, rescale that profile of the
+    model on another GPU. Raises ProfileError for expected failures."""
     import torch
+    from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from nexus_tune.core.device import identify, software_versions
     from nexus_tune.core.partition import GREEN_CONTEXTS, SplitTable
@@ -243,7 +344,9 @@ def profile_model(model: str, device: int, quick: bool, console: Any) -> Profile
     if not gpu:
         raise ProfileError(f"no usable GPU: {gpu.reason}")
     started = time.perf_counter()
-    with SplitTable(device, warn=False) as table:
+    spec = SWEEPS["from" if prior else "quick" if quick else "full"]
+    budget = _Budget(started + spec.budget_s, REPORT_S + (FIRST_FIT_S if prior else 0.0))
+    with SplitTable(device, warn=False) as table, _fit_workers() as map_:
         if table.backend != GREEN_CONTEXTS:
             raise ProfileError(f"the SM sweep needs disjoint SM partitions (green contexts), and this machine has "
                                f"none: {table.fallback_reason}")
@@ -252,38 +355,50 @@ def profile_model(model: str, device: int, quick: bool, console: Any) -> Profile
         total = table.total_sms
         pilot = _pilot(runner, table)
         cost = RooflineCost.of_config(config, total).calibrated(pilot.prefill_ms, pilot.decode_ms)
-        name = "quick" if quick else "full"
-        # What is left of the budget once the model is loaded and the fit is done.
-        budget = BUDGET_S[name] - (time.perf_counter() - started) - FIT_RESERVE_S
         split_sms = usable_splits(table.split_sms, total, table.granularity.min_partition)
-        plan = plan_grid(split_sms, total, kv_capacity, quick, cost, runner.max_model_len, pilot.prep_s,
-                         pilot.capture_s, budget)
+        setup = LatencyModel(total, split_sms, config.num_attention_heads)
+        sweep = plan_sweep(spec, split_sms, total, kv_capacity, cost, runner.max_model_len, pilot.prep_s,
+                           pilot.capture_s, budget.wall_left(spec.rounds + 1))
+        source = f", rescaling the profile from {prior.gpu.get('name', prior.gpu['slug'])}" if prior else ""
         console.print(f"{gpu.name}: {len(table)} splits ({table.granularity.min_partition}-SM granularity); "
-                      f"{plan.name} grid of {len(plan.points)} points on {len(plan.describe()['prefill_sms'])} "
-                      f"SM counts per phase, estimated {plan.seconds() / 60:.1f} min")
-        if plan.seconds() > budget:
-            console.print(f"[yellow]{config.name} on this GPU is slower than the {BUDGET_S[name] / 60:.0f}-min "
-                          f"budget even on the thinnest grid[/]")
-        sweep = Sweep(runner, table)
-        samples, skipped = sweep.run(plan, console)
-        # A split whose side failed is no split the engine may pick.
-        split_sms = [p for p in split_sms if ("prefill", p) not in sweep.failed
-                     and ("decode", total - p) not in sweep.failed]
-        for label in skipped:
+                      f"{spec.name} sweep{source}: a coarse pass of {len(sweep.coarse.points)} points, then "
+                      f"{spec.rounds} round{'s' * (spec.rounds != 1)} of points where the fit is least sure, "
+                      f"within {spec.budget_s:.0f} s")
+        columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*columns, console=console) as progress:
+            # The bar advances by estimated seconds out of those the budget allows, so its ETA is
+            # the estimate corrected by the pace so far.
+            bar = Sweep(runner, table, progress, progress.add_task("profiling", total=sweep.budget_s))
+            try:
+                if prior:
+                    samples, rescaled_fit = _sweep(sweep, bar, partial(rescale_fit, prior.latency_model, setup),
+                                                   map_, budget)
+                    progress.update(bar.task, description="a fresh fit of the new points, to compare")
+                    fitted, kept = _fit_better(rescaled_fit, setup, samples, map_)
+                else:
+                    samples, fitted = _sweep(sweep, bar, partial(fresh_fit, setup), map_, budget)
+            except ValueError as e:  # a whole phase failed to measure
+                raise ProfileError(f"cannot fit the latency model: {e}") from None
+            progress.update(bar.task, total=bar.estimated_s, completed=bar.estimated_s, description="profiled")
+        for label in bar.skipped:
             console.print(f"[yellow]not measured: {label}[/]")
-        try:
-            latency_model, fit_error, cv = fit_latency_model(
-                LatencyModel(total, split_sms, config.num_attention_heads), samples)
-        except ValueError as e:  # a whole phase failed to measure
-            raise ProfileError(f"cannot fit the latency model: {e}") from None
-        grid = plan.describe() | {"measured_s": round(time.perf_counter() - started, 1), "skipped": skipped,
-                                  "pilot": {k: round(v, 4) for k, v in asdict(pilot).items()}}
+        # A split whose side failed is no split the engine may pick.
+        fitted.model.split_sms = [p for p in split_sms if ("prefill", p) not in bar.failed
+                                  and ("decode", total - p) not in bar.failed]
+        grid = sweep.plan.describe() | {
+            "rounds": spec.rounds, "budget_s": spec.budget_s, "measured_s": round(time.perf_counter() - started, 1),
+            "skipped": bar.skipped, "pilot": {k: round(v, 4) for k, v in asdict(pilot).items()}}
+        if prior:
+            as_was = rescaled(prior.latency_model, setup, [0.0] * len(SCALE_NAMES))  # on this GPU's SM shares
+            grid["from"] = {"gpu": prior.gpu.get("name", prior.gpu["slug"]), "created": prior.created, "kept": kept,
+                            "prior_error": as_was.errors(samples)}
         return Profile(
             gpu=gpu.to_dict(), software=software_versions(),
             model={"name": config.name, "slug": model_slug(config.name), "config_hash": config.config_hash()},
-            backend=table.backend, granularity=table.granularity.to_dict(), split_sms=split_sms,
-            kv_capacity_tokens=kv_capacity, latency_model=latency_model, samples=samples,
-            fit_error=fit_error, cross_validation=cv, grid=grid,
+            backend=table.backend, granularity=table.granularity.to_dict(), split_sms=fitted.model.split_sms,
+            kv_capacity_tokens=kv_capacity, latency_model=fitted.model, samples=samples,
+            fit_error=fitted.fit_error, cross_validation=fitted.cv.summary(), grid=grid,
         )
 
 
@@ -295,7 +410,8 @@ def run_profile(args: Any) -> int:
         errors.print("[bold red]error:[/] say which model: nexus-tune profile --model PRESET|CHECKPOINT_FOLDER")
         return 2
     try:
-        profile = profile_model(args.model, args.device, args.quick, console)
+        prior = load_prior(args.from_profile, args.model) if args.from_profile else None
+        profile = profile_model(args.model, args.device, args.quick, console, prior)
     except ProfileError as e:
         errors.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         return 1
@@ -305,9 +421,15 @@ def run_profile(args: Any) -> int:
     path = profile.save(profile_path(profile.gpu["slug"], profile.model["name"], args.out))
     for table in summary_tables(profile):
         console.print(table)
-    for group, e in profile.cross_validation["groups"].items():
-        if e["mape_pct"] > TARGET_MAPE_PCT or e["max_pct"] > TARGET_WORST_PCT:
-            console.print(f"[yellow]{group}: cross-validated error {e['mape_pct']:.1f}% (worst {e['max_pct']:.1f}%) "
-                          f"misses the targets ({TARGET_MAPE_PCT:g}%, worst {TARGET_WORST_PCT:g}%)[/]")
+    if prior:
+        source = profile.grid["from"]
+        console.print(f"from {source['gpu']}: its model as it was mispredicts the new points by "
+                      + ", ".join(f"{g} {e['mape_pct']:.1f}%" for g, e in source["prior_error"].items())
+                      + f"; kept the {source['kept']} fit (cross-validated above; fit error: the held-out points)")
+    for kind, groups in (("cross-validated", profile.cross_validation["groups"]), ("held-out", profile.fit_error)):
+        for group, e in groups.items():
+            if e["mape_pct"] > TARGET_MAPE_PCT or e["max_pct"] > TARGET_WORST_PCT:
+                console.print(f"[yellow]{group}: {kind} error {e['mape_pct']:.1f}% (worst {e['max_pct']:.1f}%) "
+                              f"misses the targets ({TARGET_MAPE_PCT:g}%, worst {TARGET_WORST_PCT:g}%)[/]")
     console.print(f"wrote {path} (nexus-tune profile show {path} --plot curves.png draws it)")
     return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nexus_tune.core.latency_model import LatencyModel, Sample, error_stats
@@ -32,6 +32,7 @@ TARGET_WORST_PCT = 15.0
 GROUPS = ("prefill", "decode", "contention")
 
 Fit = Callable[[list[Sample]], LatencyModel]
+Map = Callable[..., Iterable[LatencyModel]]  # builtin map, or a process pool's (folds fitted in parallel)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class CrossValidation:
     folds: int
     seed: int
     points: list[PointError]  # every held-out whole step, each exactly once
+    models: list[LatencyModel] = field(default_factory=list, repr=False)  # each fold's fit (the sweep's committee)
 
     def groups(self) -> dict[str, dict[str, Any]]:
         """Per group (GROUPS order): error_stats of |error| and the worst point."""
@@ -111,17 +113,16 @@ def meets_targets(summary: dict[str, Any]) -> bool:
                for g in summary["groups"].values())
 
 
-def cross_validate(samples: Sequence[Sample], model: LatencyModel, folds: int = FOLDS, seed: int = SEED,
-                   fit: Fit | None = None) -> CrossValidation:
+def cross_validate(samples: Sequence[Sample], model: LatencyModel | None, folds: int = FOLDS, seed: int = SEED,
+                   fit: Fit | None = None, map_: Map = map) -> CrossValidation:
     """K-fold cross-validation over every point of `samples`, the profiler's held-out ones included,
-    of `fit` (default: a fresh model set up as `model`, fitted as the profiler fits it)."""
+    of `fit` (default: a fresh model set up as `model`, fitted as the profiler fits it). The folds are
+    fitted through `map_`: a process pool's map fits them in parallel (then `fit` must pickle)."""
     fit = fit or (lambda train: model.fresh().fit(train))
     fold_of = assign_folds(samples, folds, seed)
-    points = []
-    for fold in range(folds):
-        held = [s for s in samples if fold_of[s.point] == fold]
-        if not held:
-            continue  # fewer points than folds
-        model = fit([s for s in samples if fold_of[s.point] != fold])
-        points += [PointError(s, model.sample_ms(s), fold) for s in held if s.part == "all"]
-    return CrossValidation(folds, seed, points)
+    held = {f: [s for s in samples if fold_of[s.point] == f] for f in range(folds)}
+    held = {f: mine for f, mine in held.items() if mine}  # fewer points than folds
+    models = list(map_(fit, [[s for s in samples if fold_of[s.point] != f] for f in held]))
+    points = [PointError(s, m.sample_ms(s), f) for (f, mine), m in zip(held.items(), models)
+              for s in mine if s.part == "all"]
+    return CrossValidation(folds, seed, points, models)

@@ -1,14 +1,18 @@
 """Which points `nexus-tune profile` times, and a roofline estimate of each (pure Python).
 
-A grid (full or quick) holds, per phase, the training SM counts and sizes, held-out points at SM
-counts and sizes the fit never sees, and contention points (a decode step beside a prefill on the
-other side of a split). A point whose single run is estimated above the grid's limit, or that
-needs more KV than the cache holds, is left out; SM counts are thinned when the sweep would overrun
-its budget. The estimate (`RooflineCost`, rescaled by pilot steps on the GPU) plans the grid and
-drives the progress bar's ETA; nothing is fitted on it. commands/profiler.py times the points,
-core/testing.py draws synthetic samples on them.
+The profiler runs an adaptive sweep (`SWEEPS`, `AdaptiveSweep`, `adaptive_sweep`): a coarse pass over
+the grid's ends plus random held-out points, then rounds that spend the rest of a time budget where
+the fit so far is least sure: where the training fit and the k-fold fits disagree, or where measured
+neighbours are mispredicted out of fold (the curve bends). The decisions are pure (a test's fake GPU
+answers them as well as commands/profiler.py does); `fit_and_validate` is the one fit of a sweep's
+samples, the profiler's and `Profile.refit`'s. Points come from a pool (every side of every split,
+sizes between the ends); one whose single run is estimated above the limit, or that needs more KV
+than the cache holds, is left out. The estimate (`RooflineCost`, rescaled by pilot steps on the GPU)
+prices each point for the budget and the progress bar; nothing is fitted on it.
 
-Grids (H100: prefill sides 8..120 SMs, decode sides 124..12):
+The fixed grids (`plan_grid`: FULL, QUICK) are what synthetic profiles (core/testing.py) sample and
+what the adaptive sweep is checked against (tests/test_grid_adaptive.py). H100: prefill sides
+8..120 SMs, decode sides 124..12:
 - full: 11 of the 15 SM counts per phase + the whole GPU; prefill P_T 128/512/2048/8192 x KV_p
   0/8192, decode B_d 1/8/32/128/256 x 512/4096 KV tokens per sequence, each as attention, dense and
   whole step; held out: the other 4 SM counts x 3 off-grid sizes per phase; contention at 3 splits
@@ -19,11 +23,14 @@ Grids (H100: prefill sides 8..120 SMs, decode sides 124..12):
 """
 from __future__ import annotations
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 import numpy as np
-from nexus_tune.core.latency_model import PARTS, PHASES, Sample, share
+from nexus_tune.core.crossval import (FOLDS, GROUPS, SEED, TARGET_MAPE_PCT, TARGET_WORST_PCT, CrossValidation, Map,
+                                      cross_validate)
+from nexus_tune.core.latency_model import PARTS, PHASES, LatencyModel, Sample, share
 
 WARMUP = 1
 CONTENDED_STEPS = 8  # decode steps timed inside one prefill window
@@ -35,7 +42,6 @@ CAPTURE_S = 0.15
 PILOT_PREFILL = (2048, 0)
 PILOT_DECODE = (64, 64 * 1024)
 PARTITION_PENALTY = 1 / 0.85
-LAUNCH_MS_PER_LAYER = 0.65
 
 # Estimate of (phase, part, size, kv, sms) -> ms of one run.
 Cost = Callable[[str, str, int, int, int], float]
@@ -104,10 +110,16 @@ class Point:
         return Sample(self.phase, self.part, self.size, self.kv, self.sms, ms, self.prefill_tokens,
                       self.prefill_kv, self.holdout)
 
+    @property
+    def config(self) -> tuple:
+        """What is run, whatever the part: Sample.point of its samples."""
+        return (self.phase, self.size, self.kv, self.sms, self.prefill_tokens, self.prefill_kv)
+
 
 def repeats(est_ms: float) -> int:
-    """Timed runs after warm-up: more for short steps, whose medians are noisier."""
-    return 5 if est_ms < 50 else 3
+    """Timed runs after warm-up: more for short steps, whose medians are noisier; long steps vary
+    by well under 1% and dominate the sweep's time."""
+    return 5 if est_ms < 50 else 3 if est_ms < 250 else 2
 
 
 @dataclass
@@ -132,6 +144,16 @@ class Plan:
 
     def seconds(self) -> float:
         return sum(self.point_seconds(i) for i in range(len(self.points)))
+
+    def take(self, indexes: Sequence[int], holdout: bool = False) -> Plan:
+        """The points at `indexes` (marked held out with `holdout`), with their estimates."""
+        return Plan(self.name, [replace(self.points[i], holdout=holdout) for i in indexes],
+                    [self.run_ms[i] for i in indexes], [self.prefill_ms[i] for i in indexes],
+                    prep_s=self.prep_s, capture_s=self.capture_s)
+
+    def __add__(self, other: Plan) -> Plan:
+        return Plan(self.name, self.points + other.points, self.run_ms + other.run_ms,
+                    self.prefill_ms + other.prefill_ms, self.dropped + other.dropped, self.prep_s, self.capture_s)
 
     def describe(self) -> dict[str, Any]:
         solo = [p for p in self.points if not p.prefill_tokens]
@@ -161,13 +183,20 @@ def _spread(values: Sequence[int], n: int) -> list[int]:
 def plan_grid(split_sms: Sequence[int], total_sms: int, kv_capacity: int, quick: bool, cost: Cost,
               max_seq_len: int | None = None, prep_s: float = PREP_S, capture_s: float = CAPTURE_S,
               budget_s: float | None = None) -> Plan:
-    """The points to time, training and held-out (disjoint by construction), with estimated run times.
+    """The points of a fixed grid (full or quick), training and held-out (disjoint by construction),
+    with estimated run times.
 
     Points that need more KV than the cache holds, or sequences longer than max_seq_len (the
     model's context), are left out (counted in `dropped`). With budget_s, the training SM counts
     are thinned (down to 3 and the whole GPU) until the estimated sweep fits in it.
     """
-    spec = QUICK if quick else FULL
+    return _thinned(QUICK if quick else FULL, split_sms, total_sms, kv_capacity, cost, max_seq_len, prep_s,
+                    capture_s, budget_s)
+
+
+def _thinned(spec: GridSpec, split_sms: Sequence[int], total_sms: int, kv_capacity: int, cost: Cost,
+             max_seq_len: int | None, prep_s: float, capture_s: float, budget_s: float | None) -> Plan:
+    """spec's plan, its training SM counts thinned (down to 3 and the whole GPU) until it fits budget_s."""
     for n in range(spec.train_sms, 2, -1):
         plan = Plan(spec.name, [], [], [], prep_s=prep_s, capture_s=capture_s)
         _fill(plan, replace(spec, train_sms=n), split_sms, total_sms, kv_capacity, cost, max_seq_len)
@@ -234,14 +263,302 @@ def split_samples(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]
     return train, held
 
 
+# -- the adaptive sweep --------------------------------------------------------------------------
+EVERY_SM_COUNT = 1 << 10  # a GridSpec's train_sms that keeps every side of every split
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """An adaptive sweep: a coarse first pass and random held-out points, then rounds of points
+    from the pool where the fit so far is least sure, until the budget is spent."""
+
+    name: str
+    budget_s: float  # the whole command: loading, pilot, sweep and fits
+    pool: GridSpec  # every point the sweep may time (train_sms: EVERY_SM_COUNT)
+    coarse: GridSpec  # the first pass: the pool's ends and a few points between
+    rounds: int  # refinement rounds after the first pass
+    holdout_share: float  # of the sweep's budget, for random held-out points (never trained on)
+    # Groups whose refinement points time every part, as the coarse pass does (a decode part costs a graph
+    # capture and pins its class's curve); elsewhere the whole step (a prefill part doubles a long step).
+    refine_every_part: tuple[str, ...] = ("decode",)
+    coarse_share: float = 0.6  # the first pass's SM counts are thinned until it fits this share
+
+
+_POOL = GridSpec(
+    name="pool", train_sms=EVERY_SM_COUNT, holdout_sms=0,
+    prefill=_product((128, 256, 512, 1024, 2048, 4096, 8192), (0, 2048, 8192)),
+    decode=_product((1, 4, 8, 16, 32, 64, 128, 256), (512, 1024, 2048, 4096)),
+    holdout_prefill=(), holdout_decode=(),
+    contention_splits=(0.25, 0.375, 0.5, 0.625, 0.75),
+    contention_prefill=((512, 0), (1024, 4096), (2048, 0), (2048, 8192), (4096, 0), (8192, 0)),
+    contention_decode=((32, 2048), (64, 2048), (128, 1024)),
+    holdout_contention=(), max_run_ms=1000.0,
+)
+_COARSE = GridSpec(
+    name="coarse", train_sms=5, holdout_sms=0,
+    prefill=_product((128, 1024, 8192), (0, 8192)), decode=_product((1, 32, 256), (512, 4096)),
+    holdout_prefill=(), holdout_decode=(),
+    contention_splits=(0.25, 0.5, 0.75), contention_prefill=((512, 0), (2048, 8192), (4096, 0)),
+    contention_decode=((64, 2048),), holdout_contention=(), max_run_ms=1000.0,
+)
+_QUICK_POOL = replace(_POOL, max_run_ms=400.0)
+SWEEPS = {
+    "full": SweepSpec("full", budget_s=165.0, pool=_POOL, coarse=_COARSE, rounds=3, holdout_share=0.1),
+    "quick": SweepSpec("quick", budget_s=50.0, pool=_QUICK_POOL, rounds=1, holdout_share=0.1, coarse=replace(
+        _COARSE, train_sms=3, prefill=((128, 0), (1024, 8192), (4096, 0)),
+        decode=((1, 512), (1, 4096), (32, 2048), (256, 512), (256, 4096)),
+        contention_splits=(0.25, 0.75), contention_prefill=((512, 0), (4096, 0)), max_run_ms=400.0)),
+    # --from: enough to rescale another GPU's model, a quarter of it held out to say how well it did.
+    "from": SweepSpec("from", budget_s=45.0, pool=_QUICK_POOL, rounds=1, holdout_share=0.25, coarse=replace(
+        _COARSE, train_sms=3, prefill=((128, 0), (2048, 8192)), decode=((1, 512), (32, 4096), (256, 512)),
+        contention_splits=(0.25, 0.75), contention_prefill=((2048, 0),), max_run_ms=400.0)),
+}
+# Choosing refinement points: a point's value is its group's distance from the targets times its
+# uncertainty (log units) over its estimated cost ** COST_POWER; each pick damps the value of its
+# neighbours by NEIGHBOUR_DAMPING so that one bend does not take a whole round.
+COST_POWER = 0.5
+NEIGHBOUR_DAMPING = 0.5
+NEED_FLOOR = 0.2  # a group within its targets still gets some points
+# Held-out points are dealt in this order, over and over: contention points cost the most (a prefill
+# window each) and the fewest configurations.
+HOLDOUT_DEAL = ("prefill", "decode", "prefill", "decode", "contention")
+HOLDOUT_MIN_S = 3.0  # estimated seconds of held-out points however small the budget: a few per group
+# A round adds at most this share of the points so far: a fit's time grows with its samples, and the
+# profiler keeps back time for the fits still to come (cheap points of a small model would swamp it).
+ROUND_GROWTH = 0.5
+
+
+@dataclass
+class Fitted:
+    """A fit of the samples so far: the model (training samples), its error on the held-out ones,
+    and the k-fold cross-validation over all (with each fold's model)."""
+
+    model: LatencyModel
+    fit_error: dict[str, dict[str, float]]
+    cv: CrossValidation
+
+
+def fresh_fit(setup: LatencyModel, train: list[Sample]) -> LatencyModel:
+    """The profiler's fit: a fresh model set up as `setup` (module level: a process pool pickles it)."""
+    return setup.fresh().fit(train)
+
+
+def fit_and_validate(fit: Callable[[list[Sample]], LatencyModel], samples: list[Sample], folds: int = FOLDS,
+                     seed: int = SEED, map_: Map = map) -> Fitted:
+    """`fit` on the training samples, scored on the held-out ones, and k-fold cross-validated over all.
+    With a process pool's map, the training fit runs beside the folds."""
+    train, held = split_samples(samples)
+    model = map_(fit, [train])  # a pool's map submits it now; builtin map runs it at next()
+    cv = cross_validate(samples, None, folds, seed, fit, map_)
+    model = next(iter(model))
+    return Fitted(model, model.errors(held), cv)
+
+
+def _whole_step(config: tuple) -> Sample:
+    phase, size, kv, sms, prefill_tokens, prefill_kv = config
+    return Sample(phase, "all", size, kv, sms, 1.0, prefill_tokens, prefill_kv)
+
+
+def _group(config: tuple) -> str:
+    return "contention" if config[4] else config[0]
+
+
+def _coords(config: tuple) -> tuple:
+    """The axes a neighbour differs along: size, KV (per sequence for decode), SMs, the prefill beside."""
+    phase, size, kv, sms, prefill_tokens, prefill_kv = config
+    return size, kv if phase == "prefill" else round(kv / size), sms, prefill_tokens, prefill_kv
+
+
+def _line(config: tuple, axis: int) -> tuple:
+    """Every configuration along `axis` through `config` has this key."""
+    coords = _coords(config)
+    return _group(config), axis, coords[:axis] + coords[axis + 1:]
+
+
+def _need(groups: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """How far each group's cross-validated error is from its targets (1: at them)."""
+    return {g: max(NEED_FLOOR, e["mape_pct"] / TARGET_MAPE_PCT, e["max_pct"] / TARGET_WORST_PCT)
+            for g, e in groups.items()}
+
+
+class _Neighbours:
+    """The nearest measured configuration on either side along each axis, and their out-of-fold errors."""
+
+    def __init__(self, residual: dict[tuple, float]) -> None:
+        self.residual = residual
+        self.lines: dict[tuple, list[tuple[float, tuple]]] = {}
+        for c in residual:
+            for axis in range(len(_coords(c))):
+                self.lines.setdefault(_line(c, axis), []).append((_coords(c)[axis], c))
+        for line in self.lines.values():
+            line.sort()
+
+    def misfit(self, config: tuple) -> float:
+        """The largest out-of-fold error of the nearest measured neighbours (0: none on any axis)."""
+        worst = 0.0
+        for axis, value in enumerate(_coords(config)):
+            line = self.lines.get(_line(config, axis), [])
+            below = [c for v, c in line if v < value][-1:]
+            above = [c for v, c in line if v > value][:1]
+            worst = max([worst] + [self.residual[c] for c in below + above])
+        return worst
+
+
+class AdaptiveSweep:
+    """Which points to time next: a pure decision the profiler's GPU sweep (or a test's fake) follows.
+
+    `first()`: the coarse pass and random held-out points. `next(fitted)`: up to the budget left over
+    the rounds left, the pool's points where the fits disagree (the training fit and the k-fold ones)
+    or where the nearest measured neighbours are mispredicted out of fold (the curve bends there),
+    per second of estimated time. Budgets are in estimated seconds (`Plan.point_seconds`).
+    """
+
+    def __init__(self, spec: SweepSpec, pool: Plan, coarse: Plan, budget_s: float, seed: int = SEED) -> None:
+        self.spec, self.pool, self.budget_s = spec, pool, budget_s
+        self.coarse = coarse
+        self.rounds_left = spec.rounds
+        self.plan = Plan(spec.name, [], [], [], dropped=pool.dropped, prep_s=pool.prep_s, capture_s=pool.capture_s)
+        self.configs: dict[tuple, list[int]] = {}  # configuration -> pool indexes of its parts
+        for i, p in enumerate(pool.points):
+            self.configs.setdefault(p.config, []).append(i)
+        self.rng = random.Random(seed)
+        # Each group's values along each axis, in order: how far apart two candidates lie.
+        values: dict[tuple[str, int], set] = {}
+        for c in self.configs:
+            for axis, v in enumerate(_coords(c)):
+                values.setdefault((_group(c), axis), set()).add(v)
+        self.ranks = {k: {v: r for r, v in enumerate(sorted(vs))} for k, vs in values.items()}
+
+    @property
+    def spent_s(self) -> float:
+        return self.plan.seconds()
+
+    def _taken(self) -> set[tuple]:
+        return {p.config for p in self.plan.points}
+
+    def _indexes(self, configs: Sequence[tuple], parts: Sequence[str]) -> list[int]:
+        return [i for c in configs for i in self.configs[c] if self.pool.points[i].part in parts]
+
+    def _cost(self, config: tuple, parts: Sequence[str]) -> float:
+        return sum(self.pool.point_seconds(i) for i in self._indexes([config], parts))
+
+    def _hand_out(self, plan: Plan) -> Plan:
+        self.plan = self.plan + replace(plan, dropped=0)
+        return plan
+
+    def first(self) -> Plan:
+        """The coarse pass, then random held-out points for `holdout_share` of the budget."""
+        self._hand_out(self.coarse)
+        held = self._holdout(max(self.spec.holdout_share * self.budget_s, HOLDOUT_MIN_S))
+        return self.coarse + self._hand_out(held)
+
+    def _holdout(self, budget_s: float) -> Plan:
+        """Random whole steps of the pool, dealt to the groups in turn, each within the budget left."""
+        taken = self._taken()
+        free = {g: [c for c in self.configs if c not in taken and _group(c) == g] for g in GROUPS}
+        for configs in free.values():
+            self.rng.shuffle(configs)
+        chosen: list[tuple] = []
+        while any(free.values()):
+            for group in HOLDOUT_DEAL:
+                configs = free[group]
+                while configs:
+                    c = configs.pop()
+                    if 0 < self._cost(c, ("all",)) <= budget_s:
+                        budget_s -= self._cost(c, ("all",))
+                        chosen.append(c)
+                        break
+        return self.pool.take(self._indexes(chosen, ("all",)), holdout=True)
+
+    def next(self, fitted: Fitted, left_s: float | None = None) -> Plan:
+        """The next round's points (none once the rounds or the budget are spent). `left_s`: the
+        estimated seconds left (default: the budget less what was handed out)."""
+        left = self.budget_s - self.spent_s if left_s is None else left_s
+        if self.rounds_left < 1:
+            return self.pool.take([])
+        round_s = left / self.rounds_left
+        self.rounds_left -= 1
+        taken = self._taken()
+        cost = {c: self._cost(c, self._parts(c)) for c in self.configs if c not in taken}
+        value = self._values(fitted, {c: s for c, s in cost.items() if 0 < s <= round_s})
+        chosen: list[int] = []
+        room = ROUND_GROWTH * len(self.plan.points)
+        while value and len(chosen) < room:
+            best = max(value, key=value.__getitem__)
+            chosen += self._indexes([best], self._parts(best))
+            round_s -= cost[best]
+            self._damp(value, best)
+            value = {c: v for c, v in value.items() if cost[c] <= round_s and c != best}
+        return self._hand_out(self.pool.take(chosen))
+
+    def _parts(self, config: tuple) -> tuple[str, ...]:
+        """What a refinement point times."""
+        return PARTS if _group(config) in self.spec.refine_every_part else ("all",)
+
+    def _values(self, fitted: Fitted, cost: dict[tuple, float]) -> dict[tuple, float]:
+        """need x uncertainty / cost**COST_POWER of each candidate configuration."""
+        models = [fitted.model, *fitted.cv.models]
+        # Guided by training points only: the held-out ones must stay a random test.
+        residual = {p.sample.point: abs(math.log1p(p.error_pct / 100)) for p in fitted.cv.points
+                    if not p.sample.holdout}
+        neighbours = _Neighbours(residual)
+        need = _need(fitted.cv.groups())
+        value = {}
+        for c, seconds in cost.items():
+            spread = float(np.std([math.log(m.sample_ms(_whole_step(c))) for m in models]))
+            uncertainty = math.hypot(spread, neighbours.misfit(c))
+            value[c] = need.get(_group(c), 1.0) * uncertainty / seconds ** COST_POWER
+        return value
+
+    def _damp(self, value: dict[tuple, float], picked: tuple) -> None:
+        """Candidates one step from `picked` along one of its axes learn much of what it will tell."""
+        for c in value:
+            if self._steps_apart(c, picked) == 1:
+                value[c] *= NEIGHBOUR_DAMPING
+
+    def _steps_apart(self, a: tuple, b: tuple) -> int | None:
+        """Steps between a and b on the pool's values of the one axis they differ along (None: not on a line)."""
+        axes = [i for i, (x, y) in enumerate(zip(_coords(a), _coords(b))) if x != y]
+        if _group(a) != _group(b) or len(axes) != 1:
+            return None
+        rank = self.ranks[(_group(a), axes[0])]
+        return abs(rank[_coords(a)[axes[0]]] - rank[_coords(b)[axes[0]]])
+
+
+def adaptive_sweep(sweep: AdaptiveSweep, measure: Callable[[Plan], list[Sample]],
+                   fit: Callable[[list[Sample]], Fitted],
+                   seconds_left: Callable[[], float] | None = None) -> tuple[list[Sample], Fitted]:
+    """Measure the first pass, then fit and measure what the fit asks for until the sweep stops;
+    the samples and the last fit, which saw them all. `seconds_left`: the estimated seconds still
+    to spend (the profiler's wall clock over its pace); default: the sweep's own budget."""
+    samples = measure(sweep.first())
+    while True:
+        fitted = fit(samples)
+        batch = sweep.next(fitted, seconds_left() if seconds_left else None)
+        if not batch.points:
+            return samples, fitted
+        samples += measure(batch)
+
+
+def plan_sweep(spec: SweepSpec, split_sms: Sequence[int], total_sms: int, kv_capacity: int, cost: Cost,
+               max_seq_len: int | None = None, prep_s: float = PREP_S, capture_s: float = CAPTURE_S,
+               budget_s: float | None = None, seed: int = SEED) -> AdaptiveSweep:
+    """An adaptive sweep over spec's pool for `budget_s` estimated seconds (default: spec.budget_s)."""
+    budget_s = spec.budget_s if budget_s is None else budget_s
+    pool = _thinned(spec.pool, split_sms, total_sms, kv_capacity, cost, max_seq_len, prep_s, capture_s, None)
+    coarse = _thinned(spec.coarse, split_sms, total_sms, kv_capacity, cost, max_seq_len, prep_s, capture_s,
+                      spec.coarse_share * budget_s)
+    return AdaptiveSweep(spec, pool, coarse, budget_s, seed)
+
+
 # -- the roofline estimate ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class RooflineCost:
     """Rough step times from FLOPs and bytes, to plan the grid and show an ETA (never fitted on).
 
     Rates default to what docs/performance.md measured on an H100 for Llama-3.1-8B (prefill
-    ~600 TFLOP/s, decode ~2.6 TB/s, an eager forward ~22 ms of Python launches: 0.65 ms per
-    layer); `calibrated` rescales the rates from pilot steps on this GPU.
+    ~600 TFLOP/s, decode ~2.6 TB/s); `calibrated` rescales them from pilot steps on this GPU. The
+    profiler replays both phases as CUDA graphs: no launch time.
     """
 
     dense_flops_per_token: float  # 2 x the weights every token multiplies through
@@ -250,7 +567,6 @@ class RooflineCost:
     kv_bytes_per_token: float  # K and V of every layer
     lm_head_flops_per_row: float
     total_sms: int
-    launch_ms: float  # eager prefill: Python launches every kernel; overlaps the GPU work
     flops_per_ms: float = 6.0e11
     bytes_per_ms: float = 2.6e9
 
@@ -266,35 +582,31 @@ class RooflineCost:
             kv_bytes_per_token=2 * layers * config.kv_size * dtype_bytes,
             lm_head_flops_per_row=lm_head,
             total_sms=total_sms,
-            launch_ms=LAUNCH_MS_PER_LAYER * layers,
         )
 
-    def _work(self, phase: str, part: str, size: int, kv: int) -> tuple[float, float, float]:
-        """(FLOPs, bytes, launch ms) of one step's part."""
+    def _work(self, phase: str, part: str, size: int, kv: int) -> tuple[float, float]:
+        """(FLOPs, bytes) of one step's part."""
         if phase == "prefill":
             attn = (self.attn_flops_per_pair * size * (kv + size / 2), self.kv_bytes_per_token * (kv + size))
             dense = (self.dense_flops_per_token * size + self.lm_head_flops_per_row, self.weight_bytes)
-            # store_kv + attention are ~30% of a layer's launches
-            launch = self.launch_ms * {"attention": 0.3, "dense": 0.7, "all": 1.0}[part]
         else:  # decode: every sequence reads its KV, the batch reads the weights once
             attn = (self.attn_flops_per_pair * kv, self.kv_bytes_per_token * kv)
             dense = (self.dense_flops_per_token * size + self.lm_head_flops_per_row * size, self.weight_bytes)
-            launch = 0.0  # a CUDA graph replay
         chosen = {"attention": [attn], "dense": [dense], "all": [attn, dense]}[part]
-        return sum(f for f, _ in chosen), sum(b for _, b in chosen), launch
+        return sum(f for f, _ in chosen), sum(b for _, b in chosen)
 
     def __call__(self, phase: str, part: str, size: int, kv: int, sms: int) -> float:
-        flops, nbytes, launch = self._work(phase, part, size, kv)
+        flops, nbytes = self._work(phase, part, size, kv)
         r = sms / self.total_sms
         # The shapes of docs/gpu-facts.md: compute scales almost linearly, bandwidth saturates near half the SMs,
         # and a partition runs ~15% slower than its share of the whole GPU.
         penalty = 1.0 if sms >= self.total_sms else PARTITION_PENALTY
         compute = flops / self.flops_per_ms * share(1.0, 0.25, 1.5) / share(r, 0.25, 1.5) * penalty
         memory = nbytes / self.bytes_per_ms * share(1.0, 0.15, 6.5) / share(r, 0.15, 6.5)
-        return max(compute, memory, launch)
+        return max(compute, memory)
 
     def calibrated(self, prefill_ms: float, decode_ms: float) -> RooflineCost:
         """Rescale the rates so the pilot steps (PILOT_PREFILL, PILOT_DECODE on the whole GPU) match."""
-        p_flops, _, _ = self._work("prefill", "all", *PILOT_PREFILL)
-        _, d_bytes, _ = self._work("decode", "all", *PILOT_DECODE)
+        p_flops, _ = self._work("prefill", "all", *PILOT_PREFILL)
+        _, d_bytes = self._work("decode", "all", *PILOT_DECODE)
         return replace(self, flops_per_ms=p_flops / prefill_ms, bytes_per_ms=d_bytes / decode_ms)

@@ -4,20 +4,27 @@ Written by `nexus-tune profile` to `profiles/<gpu-slug>/<model-slug>.json` (docs
 has the schema); read by serve, simulate, tune and plan. Loading refuses, with the command that
 makes the right file, a profile of another GPU, of another model, of a newer schema, or a corrupt
 one. `find_profile` is the one rule that says which file serves a GPU and a model. `fit_latency_model`
-is how a profile's model is fitted and scored, by the profiler and by `Profile.refit` alike.
+is how a profile's model is fitted and scored, by the profiler and by `Profile.refit` alike;
+`rescale_fit` carries another GPU's model of the same LLM over to this GPU from a few points
+(`nexus-tune profile --from`).
 """
 from __future__ import annotations
 import json
+import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
+import numpy as np
+from scipy.optimize import least_squares
 from nexus_tune.core.controller import ControllerKnobs
-from nexus_tune.core.crossval import FOLDS, SEED, cross_validate
-from nexus_tune.core.grid import split_samples
-from nexus_tune.core.latency_model import LatencyModel, Sample
+from nexus_tune.core.crossval import FOLDS, SEED
+from nexus_tune.core.grid import fit_and_validate, fresh_fit
+from nexus_tune.core.latency_model import CLASSES, PHASES, LatencyModel, Sample
 from nexus_tune.core.overhead import StepOverhead
 
 SCHEMA_VERSION = 1
@@ -67,9 +74,49 @@ def fit_latency_model(setup: LatencyModel, samples: list[Sample], folds: int = F
                       seed: int = SEED) -> tuple[LatencyModel, dict[str, Any], dict[str, Any]]:
     """(model, fit_error, cross_validation) of a profile's samples: a fresh model set up as `setup`,
     fitted on the training samples and scored on the held-out ones, and the k-fold summary over all."""
-    train, held = split_samples(samples)
-    model = setup.fresh().fit(train)
-    return model, model.errors(held), cross_validate(samples, setup, folds, seed).summary()
+    fitted = fit_and_validate(partial(fresh_fit, setup), samples, folds, seed)
+    return fitted.model, fitted.fit_error, fitted.cv.summary()
+
+
+# Rescaling: per phase and operator class, compute, memory and fixed times (t0 and launch) and the
+# whole GPU's factor scale; per phase, the overhead; and each contention term. Curve shapes (saturation,
+# waves) stay the prior's. Each log-scale is pulled toward 0 (the other GPU's curve) by this weight
+# against residuals in log units: a scale the few new points cannot pin stays near the prior.
+RESCALE_PRIOR = 0.05
+_CLASS_SCALES = ("compute", "memory", "fixed", "whole")
+SCALE_NAMES = tuple([f"{phase} {cls} {what}" for phase in PHASES for cls in CLASSES for what in _CLASS_SCALES]
+                    + [f"{phase} overhead" for phase in PHASES]
+                    + [f"contention {term}" for term in LatencyModel(1).contention_])  # its terms, in order
+
+
+def rescaled(prior: LatencyModel, setup: LatencyModel, log_scales: Sequence[float]) -> LatencyModel:
+    """`prior`'s curves set up as `setup` (this GPU's SMs, splits, heads), scaled by exp(log_scales)
+    (in SCALE_NAMES order)."""
+    k = {name: math.exp(x) for name, x in zip(SCALE_NAMES, log_scales, strict=True)}
+    m = setup.fresh()
+    for phase in PHASES:
+        m.classes_[phase] = {}
+        for cls in CLASSES:
+            op = prior.classes_[phase][cls]
+            compute, memory, fixed, whole = (k[f"{phase} {cls} {what}"] for what in _CLASS_SCALES)
+            m.classes_[phase][cls] = replace(op, compute=[a * compute for a in op.compute],
+                                             memory=[b * memory for b in op.memory], t0_ms=op.t0_ms * fixed,
+                                             launch_ms=op.launch_ms * fixed, whole=op.whole * whole)
+        m.overhead_ms_[phase] = prior.overhead_ms_[phase] * k[f"{phase} overhead"]
+    m.contention_ = {term: v * k[f"contention {term}"] for term, v in prior.contention_.items()}
+    return m
+
+
+def rescale_fit(prior: LatencyModel, setup: LatencyModel, samples: list[Sample]) -> LatencyModel:
+    """`prior` (another GPU's fit, same LLM) rescaled to `samples` measured here (module level: a
+    process pool pickles it)."""
+    def residuals(x: np.ndarray) -> np.ndarray:
+        m = rescaled(prior, setup, x)
+        return np.concatenate([[math.log(m.sample_ms(s) / s.ms) for s in samples], RESCALE_PRIOR * x])
+
+    # soft_l1 at 5%, as the full fit: one disturbed measurement must not rescale a whole class.
+    fit = least_squares(residuals, np.zeros(len(SCALE_NAMES)), loss="soft_l1", f_scale=0.05)
+    return rescaled(prior, setup, fit.x)
 
 
 @dataclass
