@@ -71,7 +71,7 @@ from nexus_tune.core import metrics
 from nexus_tune.core.controller import ControllerKnobs
 from nexus_tune.core.latency_model import LatencyModel
 from nexus_tune.core.overhead import step_gpu_ms
-from nexus_tune.commands.plan import recommended_knobs, static_policies
+from nexus_tune.commands.plan import recommended_knobs, static_policies, statics_beside
 from nexus_tune.core.profile import Profile, model_slug
 from nexus_tune.core.scheduler import parse_policy
 from nexus_tune.core.simulator import simulate
@@ -613,7 +613,10 @@ def make_plan(args: argparse.Namespace, profile: Profile, slos: dict[str, float]
         sims = simulated_capacities(profile, args, slos, knobs, list(dict.fromkeys(asked + statics)))
     policies = list(asked)
     if statics:
-        best = max(statics, key=lambda p: sims[p][0])
+        beside = statics_beside(profile, max(statics, key=lambda p: sims[p][0]), statics)
+        with console.status("simulating the splits beside the best static ..."):
+            sims.update(simulated_capacities(profile, args, slos, knobs, beside) if beside else {})
+        best = max([*statics, *beside], key=lambda p: sims[p][0])
         policies += [] if best in policies else [best]
     setup = {"model": args.model, "workload": args.workload, "slos": slos, "num_prompts": args.num_prompts,
              "min_duration": args.min_duration, "max_output": args.max_output, "max_model_len": args.max_model_len,

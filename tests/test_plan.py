@@ -2,7 +2,7 @@ import pytest
 
 from nexus_tune.commands.cli import main
 from nexus_tune.core.controller import ControllerKnobs
-from nexus_tune.commands.plan import POLICIES, plan, static_policies
+from nexus_tune.commands.plan import POLICIES, plan, static_policies, statics_beside
 from nexus_tune.core.testing import synthetic_profile
 
 SLOS = {"ttft": 3000.0, "tpot": 50.0}
@@ -19,11 +19,22 @@ def test_static_candidates_are_precreated_splits(profile):
     assert all(int(p.split(":")[1]) in profile.split_sms for p in statics)
 
 
+def test_statics_beside_are_the_untried_neighbour_splits(profile):
+    splits = sorted(profile.split_sms)
+    middle = f"static:{splits[3]}"
+    assert statics_beside(profile, middle, [middle]) == [f"static:{splits[2]}", f"static:{splits[4]}"]
+    assert statics_beside(profile, middle, [middle, f"static:{splits[4]}"]) == [f"static:{splits[2]}"]
+    assert statics_beside(profile, f"static:{splits[-1]}", []) == [f"static:{splits[-2]}"]
+
+
 def test_plan_reports_every_policy(profile):
     result = plan(profile, "mixed", SLOS, num_prompts=60, workers=2)
     assert result["policies"] == [*POLICIES, result["best_static"]]
     statics = static_policies(profile)
-    assert result["capacity"][result["best_static"]] == max(result["capacity"][p] for p in statics)
+    best_candidate = max(statics, key=lambda p: result["capacity"][p])
+    tried = [*statics, *statics_beside(profile, best_candidate, statics)]
+    assert set(tried) < set(result["capacity"]) | set(POLICIES) and len(tried) > len(statics)
+    assert result["capacity"][result["best_static"]] == max(result["capacity"][p] for p in tried)
     for p in result["policies"]:
         assert result["capacity"][p] > 0
         assert set(result["rates"]) <= set(result["summaries"][p])

@@ -30,6 +30,15 @@ def static_policies(profile: Profile) -> list[str]:
     return [f"static:{n}" for n in sorted(picks)]
 
 
+def statics_beside(profile: Profile, best: str, tried: list[str]) -> list[str]:
+    """`static:N` for the splits on either side of `best` that are not in `tried`: the best fixed split
+    may fall between the candidates (on the H200 profiles 104 SMs beat every candidate, 96 among them)."""
+    splits = sorted(profile.split_sms)
+    i = splits.index(int(best.partition(":")[2]))
+    beside = [f"static:{splits[j]}" for j in (i - 1, i + 1) if 0 <= j < len(splits)]
+    return [p for p in beside if p not in tried]
+
+
 def recommended_knobs(profile: Profile, slos: dict[str, float]) -> ControllerKnobs:
     """The profile's tuned knobs if any, else knobs derived from it; slo-mode targets from the SLOs."""
     return ControllerKnobs.for_profile(profile, slos)
@@ -46,26 +55,40 @@ def plan(profile: Profile, workload: str, slos: dict[str, float], num_prompts: i
 
     Returns {"knobs", "rates", "capacity": {policy: req/s}, "summaries": {policy: {rate: summary}},
     "best_static", "policies", "ceiling"} where "policies" lists the reported ones (nexus, chunked,
-    prefill-first, best static) and "ceiling" is the rate no search goes above.
+    prefill-first, best static: the best of `static_policies` and the splits beside it) and "ceiling"
+    is the rate no search goes above.
     """
     knobs = recommended_knobs(profile, slos)
     start, ceiling = rate_range(profile, workload, num_prompts, seed)
     candidates = [*POLICIES, *static_policies(profile)]
-    probes = {p: CapacityProbe(profile, workload, num_prompts, seed, slos, p, knobs) for p in candidates}
+    probes: dict[str, CapacityProbe] = {}
     task = progress.add_task("capacity per policy", total=len(candidates)) if progress else None
     advance = (lambda: progress.advance(task)) if progress else (lambda: None)
-    searches = parallel_map(search_capacity, [(probes[p], start, 2.0, 10, 0.0, ceiling) for p in candidates],
-                            workers, advance)
-    capacity = {p: cap for p, (cap, _) in zip(candidates, searches)}
-    summaries = {p: dict(s) for p, (_, s) in zip(candidates, searches)}
-    best_static = max(candidates[len(POLICIES):], key=lambda p: capacity[p])
+    capacity: dict[str, float] = {}
+    summaries: dict[str, dict] = {}
+
+    def search(policies: list[str]) -> None:
+        for p in policies:
+            probes[p] = CapacityProbe(profile, workload, num_prompts, seed, slos, p, knobs)
+        found = parallel_map(search_capacity, [(probes[p], start, 2.0, 10, 0.0, ceiling) for p in policies],
+                             workers, advance)
+        for p, (cap, s) in zip(policies, found):
+            capacity[p], summaries[p] = cap, dict(s)
+
+    search(candidates)
+    statics = candidates[len(POLICIES):]
+    beside = statics_beside(profile, max(statics, key=lambda p: capacity[p]), statics)
+    if progress:
+        progress.update(task, total=len(candidates) + len(beside))
+    search(beside)
+    best_static = max([*statics, *beside], key=lambda p: capacity[p])
     reported = [*POLICIES, best_static]
 
     top = max(capacity[p] for p in reported) or start  # nothing passed: show the rates around the start
     rates = [round(f * top, 4) for f in RATE_FRACTIONS]
     jobs = [(probes[p], [r for r in rates if r not in summaries[p]]) for p in reported]
     if progress:
-        progress.update(task, description="latency at common rates", total=len(candidates) + len(jobs))
+        progress.update(task, description="latency at common rates", total=len(capacity) + len(jobs))
     for p, found in zip(reported, parallel_map(_at_rates, jobs, workers, advance)):
         summaries[p].update(found)
     return {"knobs": knobs, "rates": rates, "capacity": capacity, "summaries": summaries,

@@ -83,7 +83,7 @@ def load_or_measure_profile(model: str, path: str | None, out: Path, measure: bo
         if path or not measure or dev.type != "cuda":
             console.print(f"[yellow]no profile: {e}[/]")
             return None
-        console.print(f"no profile yet ({e}); measuring a quick one (about two minutes)")
+        console.print(f"no profile yet ({e}); measuring a quick one (under a minute of sweep)")
     from nexus_tune.core.profile import ProfileError
     from nexus_tune.commands.profiler import profile_model
 
