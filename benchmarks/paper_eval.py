@@ -443,6 +443,8 @@ def run_summary(rate: float, rep: Replay, trace: list[TraceRequest], slos: dict[
         "vs_profile": vs_profile(rep.steps, profile.latency_model), "loops": loop_stats(rep.steps),
         "simulated": {k: sim[k] for k in ("slo_attainment", "duration", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms",
                                           "p99_itl_ms", "mean_tpot_ms")},
+        # a stopped replay's summary covers only these requests (trace indices): sim_fidelity compares them
+        **({"finished": [i for i, r in enumerate(rep.records) if r.done]} if rep.stopped else {}),
     }
 
 

@@ -3,11 +3,12 @@
     PYTHONPATH=. python benchmarks/sim_fidelity.py docs/results/paper/llama-mixed \
         --profile profiles/h100-80gb-hbm3/llama-3.1-8b.json [--no-overhead] [--out fidelity.json]
 
-Runs on the CPU. For every policy and rate of the given result folders whose replay ran to the
-end (an early-stopped replay's latencies cover only the requests it finished) it rebuilds the same
-trace (workload, rate, seed, lengths: from the run's `meta`), simulates it with the run's knobs on
-the profile, and prints the measured and simulated p50 TTFT and mean TPOT with their ratio
-(target: within 15%). --no-overhead ignores the profile's step_overhead: the kernel-time-only
+Runs on the CPU. For every policy and rate of the given result folders it rebuilds the same trace
+(workload, rate, arrivals, seed, lengths: from the run's `meta`), simulates it with the run's knobs
+on the profile, and prints the measured and simulated p50 TTFT and mean TPOT with their ratio
+(target: within 15%). A replay that stopped early (near capacity: more than 10% of requests were
+certain to miss) is compared on the requests it finished, which its file lists; older files
+without that list skip such runs. --no-overhead ignores the profile's step_overhead: the kernel-time-only
 simulator, for comparison.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.paper_eval import eval_trace
+from nexus_tune.core import metrics
 from nexus_tune.core.controller import ControllerKnobs
 from nexus_tune.core.profile import Profile
 from nexus_tune.core.simulator import simulate
@@ -35,12 +37,15 @@ def compare(result: dict, profile: Profile) -> list[dict]:
     knobs = ControllerKnobs.from_dict(meta["knobs"])
     rows = []
     for run in result["runs"]:
-        if run["stopped"] is not None:
-            continue
+        if run["stopped"] is not None and not run.get("finished"):
+            continue  # nothing to compare: a file from before the list, or nothing finished
         trace = eval_trace(meta["workload"], run["rate"], meta["num_prompts"], meta["min_duration"], meta["seed"],
-                           meta["max_model_len"], meta["max_output"])
-        simulated = simulate(profile, trace, result["policy"], knobs).summary({})
-        row = {"model": meta["model"], "workload": meta["workload"], "policy": result["policy"], "rate": run["rate"]}
+                           meta["max_model_len"], meta["max_output"], meta.get("burstiness", 1.0))
+        sim = simulate(profile, trace, result["policy"], knobs)
+        records = [sim.records[i] for i in run["finished"]] if "finished" in run else sim.records
+        simulated = metrics.summarize(records, sim.duration_s)
+        row = {"model": meta["model"], "workload": meta["workload"], "policy": result["policy"], "rate": run["rate"],
+               "compared": f"{len(records)} finished of {len(trace)}, stopped" if "finished" in run else "all"}
         for metric in METRICS:
             measured = run["summary"][metric]
             row[metric] = {"measured": measured, "simulated": simulated[metric],
@@ -68,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows += compare(result, profile)
     overhead = "kernel time only" if profile.step_overhead is None else "with the engine's step overhead"
     table = Table(title=f"simulated vs measured: {profile.model['name']} on {profile.gpu['name']}, {overhead}")
-    for col in ("workload", "policy", "rate", "p50 TTFT meas.", "sim.", "ratio", "mean TPOT meas.", "sim.", "ratio",
+    for col in ("workload", "policy", "rate", "requests", "p50 TTFT meas.", "sim.", "ratio", "mean TPOT meas.", "sim.", "ratio",
                 f"within {TOLERANCE:.0%}"):
         table.add_column(col, justify="left" if col in ("workload", "policy") else "right")
     for r in rows:
         t, m = (r[k] for k in METRICS)
-        table.add_row(r["workload"], r["policy"], f"{r['rate']:g}", f"{t['measured']:.0f}", f"{t['simulated']:.0f}",
+        table.add_row(r["workload"], r["policy"], f"{r['rate']:g}", r["compared"], f"{t['measured']:.0f}", f"{t['simulated']:.0f}",
                       f"{t['ratio']:.2f}", f"{m['measured']:.1f}", f"{m['simulated']:.1f}", f"{m['ratio']:.2f}",
                       "yes" if r["within"] else "no")
     console = Console()

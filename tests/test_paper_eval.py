@@ -114,6 +114,11 @@ def test_a_failing_rate_stops_early_and_ends_the_climb(tiny_profile, tmp_path):
     [run] = data["runs"]  # 80 req/s is never tried after 40 failed
     assert run["rate"] == 40.0 and not run["passed"] and run["stopped"] == "slo"
     assert run["checks"]["kv_blocks_returned"] and data["capacity"] is None and data["first_failing_rate"] == 40.0
+    # the requests it finished are listed, and the simulator is compared with the GPU on those
+    assert len(run["finished"]) == run["summary"]["completed"] < 8
+    [row] = fidelity(tmp_path, tiny_profile, tmp_path)
+    assert row["compared"] == f"{len(run['finished'])} finished of 8, stopped"
+    assert all(row[m]["measured"] == run["summary"][m] for m in sim_fidelity.METRICS)
 
 
 def test_dry_run_resolves_static_best_and_prints_the_follow_up(tiny_profile, tmp_path, capsys):
