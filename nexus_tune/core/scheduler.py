@@ -220,7 +220,9 @@ class Scheduler:
                 return None  # a decode pause: wait for decode's last step (a lookahead one) to end
             batch = self._form_prefill(self.knobs.prefill_chunk_tokens)
             if batch is None:
-                self._pause_pending = False  # nothing to pause decode for
+                if self._pause_pending:  # nothing to pause decode for: wake the decode loop now
+                    self._pause_pending = False
+                    self._changed.notify_all()
                 return None
             if self._pause_pending:
                 batch.sms = self.split = self.total_sms
