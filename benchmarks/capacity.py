@@ -133,7 +133,7 @@ def on_engine(profile: Profile, setup: Setup, slos: dict[str, float], method: Me
               starts: list[float], args: argparse.Namespace) -> list[Search]:
     """Run `searches` on the GPU, each from its rate in `starts`: one warm engine per policy, every
     rate replayed through it."""
-    from engine.loader import resolve_config
+    from nexus_tune.engine.loader import resolve_config
     from nexus_tune.commands.replay import PolicyEngine, capped_trace, make_prompts, probe_prompts
 
     model = args.model or setup.model

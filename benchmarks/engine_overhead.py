@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/engine_overhead.py --out $OUT
 
-The engine (engine/loops.py) schedules and launches step n+1 while the GPU runs step n, and every
+The engine (nexus_tune/engine/loops.py) schedules and launches step n+1 while the GPU runs step n, and every
 step replays a CUDA graph. This measures what is left, from the engine's own step log (CUDA events
 on each loop's stream), llama-3.1-8b with random weights:
 
@@ -36,9 +36,9 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.model_roofline import ceilings, decode_floor_ms, step_roofline_ms, time_ms
-from engine.llm import LLM
-from engine.loops import StepRecord
-from engine.step_inputs import DecodeInput
+from nexus_tune.engine.llm import LLM
+from nexus_tune.engine.loops import StepRecord
+from nexus_tune.engine.step_inputs import DecodeInput
 from nexus_tune.core.device import software_versions
 from nexus_tune.core.sequence import SamplingParams
 

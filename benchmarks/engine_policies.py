@@ -33,7 +33,7 @@ from rich.table import Table
 
 from nexus_tune.commands.replay import (PolicyEngine, capped_trace, dist, interference, load_or_measure_profile,
                                         make_prompts, probe_prompts, step_counts)
-from engine.loader import resolve_config
+from nexus_tune.engine.loader import resolve_config
 from nexus_tune.core.engine_config import EngineConfig
 from nexus_tune.core.partition import SplitTable
 from nexus_tune.core.workload import TraceRequest, make_trace

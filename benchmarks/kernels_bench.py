@@ -88,7 +88,7 @@ def sdpa_decode(q, k, v):
 
 
 def bench_decode(batch: int, ctx: int, bandwidth: float, gen: torch.Generator) -> dict:
-    from engine.kernels import decode_attention, num_kv_splits
+    from nexus_tune.engine.kernels import decode_attention, num_kv_splits
     k_cache, v_cache, tables = paged_kv(batch, ctx, gen)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
@@ -118,7 +118,7 @@ def bench_decode_sides(batch: int, ctx: int, bandwidth: float, gen: torch.Genera
     """Decode attention configs (tile, warps, stages, programs per SM) on the whole GPU and on decode
     sides: a side has fewer SMs to keep the same bytes in flight (on the H200's 92-SM side the default
     ran 1.41x its whole-GPU time while an elementwise kernel there reached 95% of the bandwidth)."""
-    from engine.kernels import DecodeConfig, decode_attention
+    from nexus_tune.engine.kernels import DecodeConfig, decode_attention
     from nexus_tune.core.partition import SplitTable
 
     k_cache, v_cache, tables = paged_kv(batch, ctx, gen)
@@ -168,13 +168,13 @@ def sdpa_flash_prefill(q, k, v, prefix: int):
 
 def packed_tiles(q_lens: list[int], prefixes: list[int], cfg) -> torch.Tensor:
     """The tile map of a step, sized as the engine sizes it."""
-    from engine.kernels import max_tiles, tile_map
+    from nexus_tune.engine.kernels import max_tiles, tile_map
     tokens = cfg.tile_tokens(Q_HEADS // KV_HEADS)
     return torch.from_numpy(tile_map(q_lens, prefixes, tokens, max_tiles(sum(q_lens), len(q_lens), tokens))).cuda()
 
 
 def bench_prefill(q_len: int, prefix: int, configs, gen: torch.Generator) -> dict:
-    from engine.kernels import prefill_attention
+    from nexus_tune.engine.kernels import prefill_attention
     ctx = prefix + q_len
     k_cache, v_cache, tables = paged_kv(1, ctx, gen)
     q = torch.randn(q_len, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
@@ -214,7 +214,7 @@ def bench_mixed(prompt: int, decode_rows: int, ctx: int, bandwidth: float, gen: 
     """A chunked mixed step's attention: one `prompt`-token chunk (no prefix) and `decode_rows` 1-token
     rows over `ctx` KV tokens each, in one prefill-kernel launch (CUDA-graph replay, as the engine
     runs it), against the bytes it must move: every KV token once per KV head, q read, output written."""
-    from engine.kernels import decode_attention, default_config, prefill_attention
+    from nexus_tune.engine.kernels import decode_attention, default_config, prefill_attention
     k_cache, v_cache, tables = paged_kv(decode_rows + 1, ctx, gen)  # the last sequence holds the prompt
     k, v = contiguous_kv(k_cache, tables), contiguous_kv(v_cache, tables)
     q = torch.randn(prompt + decode_rows, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
@@ -255,7 +255,7 @@ def torch_rms_norm(x, weight, eps, residual):
 
 
 def bench_rms_norm(rows: int, hidden: int, gen: torch.Generator) -> dict:
-    from engine.kernels import rms_norm
+    from nexus_tune.engine.kernels import rms_norm
     x, res = (torch.randn(rows, hidden, device="cuda", dtype=DTYPE, generator=gen) for _ in range(2))
     w = torch.randn(hidden, device="cuda", dtype=DTYPE, generator=gen)
     hf = (x.float() + res.float())
@@ -278,7 +278,7 @@ def torch_rope(q, k, positions, cos_sin):
 
 
 def bench_rope(tokens: int, gen: torch.Generator) -> dict:
-    from engine.kernels import apply_rope
+    from nexus_tune.engine.kernels import apply_rope
     inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda", dtype=torch.float32) / HEAD_DIM)
     freqs = torch.arange(8192, device="cuda", dtype=torch.float32)[:, None] * inv_freq
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
@@ -293,7 +293,7 @@ def bench_rope(tokens: int, gen: torch.Generator) -> dict:
 
 
 def bench_store_kv(tokens: int, gen: torch.Generator) -> dict:
-    from engine.kernels import store_kv
+    from nexus_tune.engine.kernels import store_kv
     k_cache = torch.zeros(4096, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     v_cache = torch.zeros_like(k_cache)
     k, v = (torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen) for _ in range(2))
@@ -301,7 +301,7 @@ def bench_store_kv(tokens: int, gen: torch.Generator) -> dict:
     store_kv(k, v, k_cache, v_cache, slots)
     err = _rel_err(k_cache.view(-1, KV_HEADS, HEAD_DIM)[slots], k)
 
-    def torch_store():  # what engine/attention.py's reference path does
+    def torch_store():  # what nexus_tune/engine/attention.py's reference path does
         k_cache.view(-1, KV_HEADS, HEAD_DIM).index_copy_(0, slots, k)
         v_cache.view(-1, KV_HEADS, HEAD_DIM).index_copy_(0, slots, v)
     return {"case": f"store_kv {tokens} tokens", "rel_err": err,
@@ -391,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         print("kernels_bench needs a CUDA GPU; the kernels' CPU checks are in tests/test_kernels.py")
         return 1
     import triton
-    from engine.kernels import PrefillConfig
-    from engine.kernels.prefill_attention import default_config
+    from nexus_tune.engine.kernels import PrefillConfig
+    from nexus_tune.engine.kernels.prefill_attention import default_config
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     bandwidth = copy_gbps() * 1e9  # bytes/s

@@ -8,7 +8,7 @@ On one GPU (an H200 in about three minutes), with random bf16 weights (no downlo
 2. llama-3.1-8b decode step, batch 64 x 2048 KV tokens each, as a CUDA graph: on the whole GPU
    against the HBM floor (weight bytes + KV bytes read, over the copy bandwidth; target 1.15x with
    the engine's host work, which benchmarks/engine_overhead.py adds), and on the decode side of the
-   40/92 split with GEMMs sized for it (engine/cuda_graphs.py) and without (cuBLAS's whole-chip
+   40/92 split with GEMMs sized for it (nexus_tune/engine/cuda_graphs.py) and without (cuBLAS's whole-chip
    grids), against the whole GPU (target 1.05x).
 3. llama-3.1-8b prefill of one 2048-token chunk as a graph: on the whole GPU against the matmul
    rate, eager beside it; on partitions of 64, 96 and 112 SMs, sized and unsized, against the
@@ -42,12 +42,12 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from engine.config import ModelConfig
-from engine.cuda_graphs import gemms_sized_for
-from engine.kernels import decode_attention, default_config, max_tiles, prefill_attention, tile_map
-from engine.loops import StepRecord
-from engine.model_runner import ModelRunner
-from engine.step_inputs import DecodeInput, PrefillInput
+from nexus_tune.engine.config import ModelConfig
+from nexus_tune.engine.cuda_graphs import gemms_sized_for
+from nexus_tune.engine.kernels import decode_attention, default_config, max_tiles, prefill_attention, tile_map
+from nexus_tune.engine.loops import StepRecord
+from nexus_tune.engine.model_runner import ModelRunner
+from nexus_tune.engine.step_inputs import DecodeInput, PrefillInput
 from nexus_tune.core.device import software_versions
 from nexus_tune.core.partition import SplitTable
 from nexus_tune.core.sequence import SamplingParams

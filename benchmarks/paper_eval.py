@@ -62,11 +62,11 @@ from nexus_tune.commands.replay import (STOP_DEADLINE, STOP_SLO, PolicyEngine, R
                                         interference, load_or_measure_profile, make_prompts, probe_prompts,
                                         release_gpu, step_counts)
 from benchmarks.model_roofline import step_roofline_ms
-from engine.config import ModelConfig
-from engine.llm import EngineError
-from engine.loader import resolve_config
+from nexus_tune.engine.config import ModelConfig
+from nexus_tune.engine.llm import EngineError
+from nexus_tune.engine.loader import resolve_config
 from nexus_tune.core.engine_config import EngineConfig
-from engine.loops import StepRecord
+from nexus_tune.engine.loops import StepRecord
 from nexus_tune.core import metrics
 from nexus_tune.core.controller import ControllerKnobs
 from nexus_tune.core.latency_model import LatencyModel

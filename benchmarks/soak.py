@@ -70,7 +70,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from engine.server import ABORT_GRACE_S, SHUTDOWN_TIMEOUT_S
+from nexus_tune.engine.server import ABORT_GRACE_S, SHUTDOWN_TIMEOUT_S
 from nexus_tune.commands.bench import HTTP_TIMEOUT, PromptWriter, request_body, served_model, parse_event
 from nexus_tune.commands.reporting import progress_bar
 from nexus_tune.core.workload import DATASETS, TraceRequest, make_trace

@@ -19,10 +19,10 @@ import jinja2
 import torch
 import uvicorn
 
-from engine import sampling
-from engine.llm import TokenOutput
-from engine.server import DrainingServer
-from engine.sampling import TokenLogprobs
+from nexus_tune.engine import sampling
+from nexus_tune.engine.llm import TokenOutput
+from nexus_tune.engine.server import DrainingServer
+from nexus_tune.engine.sampling import TokenLogprobs
 
 
 def sse_events(resp: httpx.Response) -> list[dict | str]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks import capacity
-from engine.loader import resolve_config
+from nexus_tune.engine.loader import resolve_config
 from nexus_tune.core import metrics
 from nexus_tune.core.testing import synthetic_profile
 

@@ -1,4 +1,4 @@
-"""The engine's loops and front door (engine/loops.py, engine/llm.py) on the tiny model, on a CPU.
+"""The engine's loops and front door (nexus_tune/engine/loops.py, nexus_tune/engine/llm.py) on the tiny model, on a CPU.
 
 Every policy must produce exactly the greedy tokens of plain sequential generation (one request
 at a time straight through ModelRunner: no scheduler, no batching, no chunking); preemption,
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import engine.sampling as sampling
-from engine.llm import LLM, AsyncLLM, EngineError, load_profile
-from engine.model_runner import ModelRunner
-from engine.step_inputs import DecodeInput, PrefillInput
+import nexus_tune.engine.sampling as sampling
+from nexus_tune.engine.llm import LLM, AsyncLLM, EngineError, load_profile
+from nexus_tune.engine.model_runner import ModelRunner
+from nexus_tune.engine.step_inputs import DecodeInput, PrefillInput
 from nexus_tune.core.controller import ControllerKnobs
 from nexus_tune.core.device import DeviceInfo
 from nexus_tune.core.testing import synthetic_profile
@@ -305,7 +305,7 @@ def test_policies_on_real_splits_match_sequential_greedy_on_a_gpu(policy, profil
 
 
 def test_stats_explain_the_controllers_last_decision(profile, prompts):
-    """What /metrics shows of nexus (engine/server.py): the split, each side's predicted step, the TBT
+    """What /metrics shows of nexus (nexus_tune/engine/server.py): the split, each side's predicted step, the TBT
     allowance and the observed decode cycle; before the first decision too."""
     llm = make_llm("nexus", profile, online_update=True, **SMALL_BUDGETS)
     assert llm.stats()["total_blocks"] == llm.core.scheduler.bm.num_blocks

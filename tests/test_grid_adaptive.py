@@ -11,7 +11,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from engine.config import get_preset
+from nexus_tune.engine.config import get_preset
 from nexus_tune.commands.cli import main
 from nexus_tune.core.grid import (SWEEPS, Fitted, Plan, Point, RooflineCost, adaptive_sweep, fit_and_validate,
                                   fresh_fit, plan_grid, plan_sweep, split_samples)

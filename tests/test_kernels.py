@@ -18,9 +18,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine.kernels import (DecodeConfig, PrefillConfig, apply_rope, decode_attention, default_config,  # noqa: E402
+from nexus_tune.engine.kernels import (DecodeConfig, PrefillConfig, apply_rope, decode_attention, default_config,  # noqa: E402
                             max_tiles, num_kv_splits, prefill_attention, rms_norm, store_kv, tile_map)
-from engine.kernels.decode_attention import MAX_SPLITS  # noqa: E402
+from nexus_tune.engine.kernels.decode_attention import MAX_SPLITS  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

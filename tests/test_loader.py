@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import PRESETS, ConfigError, ModelConfig, get_preset
-from engine.loader import CheckpointError, load_model
-from engine.model_runner import ModelRunner
-from engine.step_inputs import PrefillInput
-from engine.tokenizer import ByteTokenizer, HFTokenizer
+from nexus_tune.engine.config import PRESETS, ConfigError, ModelConfig, get_preset
+from nexus_tune.engine.loader import CheckpointError, load_model
+from nexus_tune.engine.model_runner import ModelRunner
+from nexus_tune.engine.step_inputs import PrefillInput
+from nexus_tune.engine.tokenizer import ByteTokenizer, HFTokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, decode_attention, prefill_attention, store_kv
-from engine.config import PRESETS, ModelConfig, get_preset
-from engine.loader import load_weights
-from engine.model import Transformer
-from engine.model_runner import ModelRunner
-from engine.step_inputs import DecodeInput, PrefillInput
+from nexus_tune.engine.attention import AttentionMetadata, decode_attention, prefill_attention, store_kv
+from nexus_tune.engine.config import PRESETS, ModelConfig, get_preset
+from nexus_tune.engine.loader import load_weights
+from nexus_tune.engine.model import Transformer
+from nexus_tune.engine.model_runner import ModelRunner
+from nexus_tune.engine.step_inputs import DecodeInput, PrefillInput
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache import CPU_KV_BYTES, KVCache
-from engine.model_runner import ModelRunner
-from engine.step_inputs import DecodeInput, DecodeRows, PrefillInput, Staging
-from engine.sampling import check_stop
+from nexus_tune.engine.kv_cache import CPU_KV_BYTES, KVCache
+from nexus_tune.engine.model_runner import ModelRunner
+from nexus_tune.engine.step_inputs import DecodeInput, DecodeRows, PrefillInput, Staging
+from nexus_tune.engine.sampling import check_stop
 from nexus_tune.core.runner import PhaseRunner
 from nexus_tune.core.sequence import SamplingParams
 

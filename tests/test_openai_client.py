@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from engine.server import build_app
+from nexus_tune.engine.server import build_app
 from nexus_tune.core.sequence import SamplingParams
 from server_helpers import FakeEngine, ThreadServer
 
@@ -113,7 +113,7 @@ PROMPT = "The quick brown fox"
 
 @pytest.fixture(scope="module")
 def tiny(one_intra_op_thread) -> Iterator[tuple[openai.OpenAI, object]]:
-    from engine.llm import LLM, AsyncLLM
+    from nexus_tune.engine.llm import LLM, AsyncLLM
 
     engine = AsyncLLM("tiny", policy="chunked", device="cpu")
     with ThreadServer(build_app(engine, "tiny")) as url, LLM("tiny", policy="chunked", device="cpu") as offline:

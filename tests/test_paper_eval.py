@@ -19,8 +19,8 @@ from benchmarks import paper_eval, paper_report, sim_fidelity
 from benchmarks.model_roofline import step_roofline_ms
 from benchmarks.paper_eval import PolicyResult, Sweep
 from nexus_tune.commands.replay import Replay, _Progress
-from engine.loader import resolve_config
-from engine.loops import StepRecord
+from nexus_tune.engine.loader import resolve_config
+from nexus_tune.engine.loops import StepRecord
 from nexus_tune.commands import cli
 from nexus_tune.commands.calibrate import RECORDS_FILE
 from nexus_tune.core import metrics

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from engine.config import get_preset
+from nexus_tune.engine.config import get_preset
 from nexus_tune.commands.cli import main
 from nexus_tune.core.latency_model import PARTS
 from nexus_tune.core.partition import Granularity, split_sizes
@@ -101,7 +101,7 @@ def test_roofline_estimate_calibrates_to_the_pilot(cost):
 
 def test_importing_the_profiler_loads_neither_engine_nor_torch():
     code = ("import sys, nexus_tune.commands.profiler, nexus_tune.core.profile; "
-            "print('engine' in sys.modules, 'torch' in sys.modules)")
+            "print('nexus_tune.engine' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

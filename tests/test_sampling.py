@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine.sampling as sampling_module
-from engine.sampling import StopDecision, TokenLogprobs, _penalize, check_stop, logprobs, sample
+import nexus_tune.engine.sampling as sampling_module
+from nexus_tune.engine.sampling import StopDecision, TokenLogprobs, _penalize, check_stop, logprobs, sample
 from nexus_tune.core.sequence import SamplingParams
 
 
@@ -208,7 +208,7 @@ PROMPT = [256, *b"The quick brown fox"]  # the tiny model's byte tokenizer: BOS,
 
 @pytest.fixture(scope="module")
 def llm(one_intra_op_thread):
-    from engine.llm import LLM
+    from nexus_tune.engine.llm import LLM
 
     with LLM("tiny", policy="chunked", device="cpu") as engine:
         yield engine

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (engine/server.py).
+"""The OpenAI-compatible server (nexus_tune/engine/server.py).
 
 Two layers: the request logic over a small fake engine that follows AsyncLLM's contract
 (tests/server_helpers.py, served in-process by uvicorn in a thread; it can hold, fail and count
@@ -22,8 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from engine.sampling import TokenLogprobs
-from engine.server import build_app
+from nexus_tune.engine.sampling import TokenLogprobs
+from nexus_tune.engine.server import build_app
 from nexus_tune.core.sequence import SamplingParams
 from server_helpers import FakeEngine, ThreadServer, sse_events, wait_for
 
@@ -150,9 +150,9 @@ def test_models_health(url):
 
 
 def test_oversized_bodies_get_413_without_being_buffered(monkeypatch):
-    import engine.server
+    from nexus_tune.engine import server
 
-    monkeypatch.setattr(engine.server, "MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr(server, "MAX_BODY_BYTES", 1000)
     big = json.dumps({"model": MODEL, "prompt": "x" * 2000})
     with ThreadServer(build_app(FakeEngine(), MODEL)) as url:
         announced = post(url, "/v1/completions", big)  # Content-Length says it all
@@ -569,7 +569,7 @@ def tiny(tiny_server) -> str:
 @pytest.fixture(scope="module")
 def offline(tiny_server):
     """The offline engine, built while the server process loads (hence the dependency)."""
-    from engine.llm import LLM
+    from nexus_tune.engine.llm import LLM
 
     with LLM(model="tiny", policy="chunked", device="cpu") as llm:
         yield llm
@@ -664,7 +664,7 @@ def test_tiny_overload_answers_503_and_accepted_requests_complete(tiny):
 
 def test_tiny_kv_cache_smaller_than_the_context(one_intra_op_thread):
     """The issue's 500: no max_tokens and a KV cache of fewer tokens than the context."""
-    from engine.llm import AsyncLLM
+    from nexus_tune.engine.llm import AsyncLLM
 
     engine = AsyncLLM("tiny", policy="chunked", device="cpu", num_kv_blocks=8)  # 8 x 16 tokens (+1: the last)
     assert engine.max_request_tokens == 129 < engine.max_model_len == TINY_CONTEXT

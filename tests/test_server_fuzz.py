@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the HTTP API (engine/server.py) over the fake engine.
+"""Property-based fuzzing of the HTTP API (nexus_tune/engine/server.py) over the fake engine.
 
 Thousands of bodies, from near-valid requests with one odd value to random bytes, must never
 make a 5xx; every 4xx must carry OpenAI's error shape; a stream that got its 200 must end with
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from engine.server import build_app
+from nexus_tune.engine.server import build_app
 from server_helpers import FakeEngine
 
 MODEL = "fuzz-model"

@@ -1,4 +1,4 @@
-"""Graceful shutdown (engine/server.py: OpenAIServer.drain, DrainingServer, serve).
+"""Graceful shutdown (nexus_tune/engine/server.py: OpenAIServer.drain, DrainingServer, serve).
 
 Open requests get up to `shutdown_timeout` seconds to finish; then every one still open ends
 with an error (an error event and [DONE] on a stream); a second SIGINT cuts the wait short; the
@@ -21,7 +21,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from engine.server import build_app
+from nexus_tune.engine.server import build_app
 from server_helpers import FakeEngine, ThreadServer, wait_for
 
 MODEL = "fake-model"
@@ -134,7 +134,7 @@ def test_new_requests_while_draining_get_a_503():
 SERVE = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[3])
-    from engine.server import build_app, serve
+    from nexus_tune.engine.server import build_app, serve
     from server_helpers import FakeEngine
 
     class Engine(FakeEngine):

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from engine.llm import LLM, EngineError
-from engine.loader import resolve_config
+from nexus_tune.engine.llm import LLM, EngineError
+from nexus_tune.engine.loader import resolve_config
 from nexus_tune.commands.cli import main
 from nexus_tune.core.controller import ControllerKnobs
 from nexus_tune.core.testing import synthetic_profile

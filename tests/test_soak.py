@@ -19,7 +19,7 @@ SHORT = ["--request-rate", "8", "--duration", "3", "--dataset", "random", "--ran
 LEAKY_SERVE = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[2])
-    from engine.server import build_app, serve
+    from nexus_tune.engine.server import build_app, serve
     from server_helpers import FakeEngine
 
     class Leaky(FakeEngine):

@@ -59,8 +59,8 @@ def measure_step_records(profile: Profile, model: str, args: Any, console: Any) 
     """Replay the workload through each loop family's engine at each load; the step records, by run."""
     from rich.progress import Progress
 
-    from engine.llm import EngineError
-    from engine.loader import resolve_config
+    from nexus_tune.engine.llm import EngineError
+    from nexus_tune.engine.loader import resolve_config
     from nexus_tune.commands.replay import PolicyEngine, capped_trace, make_prompts, probe_prompts, release_gpu
     from nexus_tune.commands.tune import prefill_bound
     from nexus_tune.core.workload import make_trace

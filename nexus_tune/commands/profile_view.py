@@ -197,7 +197,7 @@ def model_heads(profile: Profile) -> int | None:
     config of that name (None when neither is known here)."""
     if profile.latency_model.attention_heads:
         return profile.latency_model.attention_heads
-    from engine.config import PRESETS, ConfigError, ModelConfig, get_preset
+    from nexus_tune.engine.config import PRESETS, ConfigError, ModelConfig, get_preset
 
     name = profile.model["name"]
     try:

@@ -212,7 +212,7 @@ def _build_runner(model: str, device: int) -> tuple[Any, Any]:
     The runner sizes its KV cache as `nexus-tune serve` does by default, so kv_capacity_tokens is
     what serving will hold.
     """
-    from engine.model_runner import ModelRunner
+    from nexus_tune.engine.model_runner import ModelRunner
 
     try:
         runner = ModelRunner(model, device=f"cuda:{device}")
@@ -223,7 +223,7 @@ def _build_runner(model: str, device: int) -> tuple[Any, Any]:
 
 def _model_config(model: str) -> Any:
     """The engine's ModelConfig of a preset or checkpoint folder, without loading weights."""
-    from engine.config import PRESETS, ConfigError, ModelConfig, get_preset
+    from nexus_tune.engine.config import PRESETS, ConfigError, ModelConfig, get_preset
 
     try:
         return get_preset(model) if model in PRESETS else ModelConfig.from_pretrained(model)

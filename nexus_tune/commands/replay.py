@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from engine.llm import AsyncLLM, EngineError, load_profile
-from engine.loops import StepRecord
-from engine.model_runner import DECODE_BUCKETS
+from nexus_tune.engine.llm import AsyncLLM, EngineError, load_profile
+from nexus_tune.engine.loops import StepRecord
+from nexus_tune.engine.model_runner import DECODE_BUCKETS
 from nexus_tune.core import metrics
 from nexus_tune.core.profile import Profile
 from nexus_tune.core.sequence import SamplingParams

@@ -1,11 +1,11 @@
-"""`nexus-tune serve`: check the address, build the engine (engine/llm.py) and its OpenAI-compatible
-app (engine/server.py), and serve until SIGTERM/SIGINT, draining open requests first.
+"""`nexus-tune serve`: check the address, build the engine (nexus_tune/engine/llm.py) and its OpenAI-compatible
+app (nexus_tune/engine/server.py), and serve until SIGTERM/SIGINT, draining open requests first.
 """
 from __future__ import annotations
 import argparse
 import logging
 import socket
-from engine.server import build_app, serve
+from nexus_tune.engine.server import build_app, serve
 
 def _check_listen(host: str, port: int) -> None:
     """Bind the address and let it go: a taken port or an unknown host fails here (OSError),
@@ -19,7 +19,7 @@ def _check_listen(host: str, port: int) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """`nexus-tune serve`: load the model, then serve until interrupted (a graceful drain, see
     DrainingServer). The CLI checked each flag."""
-    from engine.llm import AsyncLLM, EngineError
+    from nexus_tune.engine.llm import AsyncLLM, EngineError
     from nexus_tune.commands.cli import report_error
 
     try:

@@ -1,6 +1,6 @@
 """`EngineConfig`: how an engine is set up, and every serving default, once.
 
-The engine (engine/llm.py) is built from one; the scheduler, the block manager, the simulator and
+The engine (nexus_tune/engine/llm.py) is built from one; the scheduler, the block manager, the simulator and
 the command line read their defaults from its fields, so a default changes in one place. It lives
 in the core because the simulator and the scheduler, which never import the engine, need the same
 numbers as the engine they stand for.

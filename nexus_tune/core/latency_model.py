@@ -77,7 +77,7 @@ _LOG_WHOLE_BOUNDS = (math.log(0.5), math.log(2.0))
 _CONTENTION_TERMS = ("base", "weights", "activations", "attention")
 # Prefill attention's waves (module docstring; H200, llama-3.1-8b: a 512-token chunk over 8192 KV takes
 # 12.4-13.0 ms of attention on 72 to 112 SMs, two waves, and 7.4 on 132, one). WAVE_TILE is the engine
-# kernel's query tile (engine/kernels/prefill_attention.py). With the model's query heads known, the fit
+# kernel's query tile (nexus_tune/engine/kernels/prefill_attention.py). With the model's query heads known, the fit
 # tries each count of programs resident per SM and keeps the best if it beats no waves; without them it
 # fits none: searched freely, a wave size 3% off fitted as well on the H200 grid and put held-out points
 # at the steps' edges a wave off (28% wrong). Decode attention sizes its grid by the SM count and the

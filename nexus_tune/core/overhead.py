@@ -10,7 +10,7 @@ TPOT 20-50% low. `StepOverhead` closes that gap, scikit-learn style:
     overhead = StepOverhead().fit(step_logs, profile.latency_model)  # one list of step records per run
     cycle_ms = overhead.predict("decode/decode", predicted_gpu_ms, num_seqs)
 
-Per step key "<loop>/<kind>" (engine/loops.py: loop prefill|decode|mixed|single, kind
+Per step key "<loop>/<kind>" (nexus_tune/engine/loops.py: loop prefill|decode|mixed|single, kind
 prefill|decode|mixed), a loop's cycle (one step's start to the next one's) is modelled as
 
     cycle_ms = scale * predicted_ms + fixed_ms + per_seq_ms * num_seqs
@@ -180,7 +180,7 @@ def fidelity_table(fidelity: dict[str, dict[str, Any]], title: str, within: floa
     return table
 
 
-# The step keys of the two-loop policies' loops (engine/loops.py), by phase.
+# The step keys of the two-loop policies' loops (nexus_tune/engine/loops.py), by phase.
 TWO_LOOP_KEYS = {"prefill": step_key("prefill", "prefill"), "decode": step_key("decode", "decode")}
 RECENT_STEPS = 32  # StepTimes.recent_decode_ms_ averages over about this many decode steps
 

@@ -217,7 +217,7 @@ class _Simulation:
 
     def _step_ms(self, loop: str, sms: int, prefill: PrefillBatch | None = None, decode: DecodeBatch | None = None,
                  beside: PrefillBatch | None = None) -> tuple[float, tuple]:
-        """A step's time on `loop` (engine/loops.py's names): the kernel time, plus the engine's
+        """A step's time on `loop` (nexus_tune/engine/loops.py's names): the kernel time, plus the engine's
         overhead for that loop and step kind when the profile holds one; and the step as the
         engine reports it to the controller (StepTimes.update's arguments, the cycle last)."""
         kind = "decode" if prefill is None else "prefill" if decode is None else "mixed"

@@ -43,14 +43,14 @@ class AttentionMetadata:
 
 @functools.cache
 def triton_kernels() -> ModuleType:
-    """engine.kernels, checked for every entry point the engine calls."""
+    """nexus_tune.engine.kernels, checked for every entry point the engine calls."""
     try:
-        import engine.kernels as kernels
+        import nexus_tune.engine.kernels as kernels
     except ImportError as e:
         raise BackendError(f"the Triton kernels cannot be imported ({e}); use backend='torch'") from e
     missing = [f for f in _KERNEL_FUNCS if not hasattr(kernels, f)]
     if missing:
-        raise BackendError(f"engine.kernels does not provide {', '.join(missing)}; use backend='torch'")
+        raise BackendError(f"nexus_tune.engine.kernels does not provide {', '.join(missing)}; use backend='torch'")
     return kernels
 
 

@@ -16,7 +16,7 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizerImpl
 
-from engine.config import ModelConfig
+from nexus_tune.engine.config import ModelConfig
 
 # Used when a checkpoint has no chat template (and for random weights).
 DEFAULT_CHAT_TEMPLATE = (

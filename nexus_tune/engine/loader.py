@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.config import PRESETS, ConfigError, ModelConfig, get_preset
-from engine.model import Transformer
+from nexus_tune.engine.config import PRESETS, ConfigError, ModelConfig, get_preset
+from nexus_tune.engine.model import Transformer
 
 INIT_STD = 0.02  # keeps activations finite and logits spread out through 48+ layers
 

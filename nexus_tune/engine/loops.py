@@ -14,7 +14,7 @@ of decode rows may be followed this way; after a step with prompt chunks the loo
 before scheduling (their sequences' next state is not known until then).
 
 Two-loop policies (`nexus`, `static:N`) run `PrefillLoop` and `DecodeLoop` as two threads of one
-process, each on its side of the current split (engine/cuda_graphs.py: one graph per side and
+process, each on its side of the current split (nexus_tune/engine/cuda_graphs.py: one graph per side and
 size bucket). Threads, not asyncio: torch releases the GIL inside graph replays and event waits,
 so while one thread waits the other launches; a wait is always on the loop's OWN event (a
 device-wide sync would stall the other loop's kernels).
@@ -46,9 +46,9 @@ from typing import Any, Protocol
 
 import torch
 
-from engine import sampling
-from engine.model_runner import ModelRunner, on_stream
-from engine.step_inputs import DecodeInput, PrefillInput
+from nexus_tune.engine import sampling
+from nexus_tune.engine.model_runner import ModelRunner, on_stream
+from nexus_tune.engine.step_inputs import DecodeInput, PrefillInput
 from nexus_tune.core.partition import GREEN_CONTEXTS, SplitTable
 from nexus_tune.core.scheduler import DecodeBatch, MixedBatch, PrefillBatch, Scheduler
 from nexus_tune.core.sequence import Sequence
@@ -61,7 +61,7 @@ IDLE_WAIT_S = 0.005
 
 
 class OutputSink(Protocol):
-    """Where sampled tokens go (engine/llm.py: detokenize, stop checks, streaming)."""
+    """Where sampled tokens go (nexus_tune/engine/llm.py: detokenize, stop checks, streaming)."""
 
     def process(self, seq: Sequence, token_id: int, now: float, logprobs: Any = None) -> bool:
         """Record `seq`'s new token (not yet appended to it); True if the request is finished."""

@@ -9,7 +9,7 @@
 
 `EngineCore` builds what both share: the SM splits (pre-created before the KV cache is sized),
 the model runner, the scheduler with its controller, the decode CUDA graphs of every (split,
-batch bucket) the policy can use, and the loop threads (engine/loops.py). Tokens leave the loop
+batch bucket) the policy can use, and the loop threads (nexus_tune/engine/loops.py). Tokens leave the loop
 threads through `OutputProcessor`: incremental detokenization, stop checks, per-request records,
 and one hand-off per step (`loop.call_soon_threadsafe` for asyncio consumers).
 
@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from engine.loader import resolve_config
-from engine.loops import LoopContext, Placement, StepLog, StepRecord, make_loops
-from engine.model_runner import ModelRunner, resolve_device
-from engine.sampling import TokenLogprobs, check_stop
+from nexus_tune.engine.loader import resolve_config
+from nexus_tune.engine.loops import LoopContext, Placement, StepLog, StepRecord, make_loops
+from nexus_tune.engine.model_runner import ModelRunner, resolve_device
+from nexus_tune.engine.sampling import TokenLogprobs, check_stop
 from nexus_tune.core.block_manager import BlockManager
 from nexus_tune.core.controller import ControllerKnobs
 from nexus_tune.core.latency_model import LatencyModel

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.tiles import BOUNDED, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
+from nexus_tune.engine.kernels.tiles import BOUNDED, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
 
 MAX_SPLITS = 64        # kernel 2 holds every split's partial row in registers
 MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write) dominates

@@ -7,7 +7,7 @@ for) a step replays the graph of the smallest bucket that holds it (prefill: tok
 sequences), else it runs eagerly. `sample(logits, params, steps, stream)` draws the next tokens.
 
 Inputs are built on the host with numpy and reach the device in one pinned non-blocking copy
-(engine/step_inputs.py), so a step never waits for the GPU; a token still on the device (sampled
+(nexus_tune/engine/step_inputs.py), so a step never waits for the GPU; a token still on the device (sampled
 by the previous step, whose tokens the host has not seen yet) is gathered there from `prev_ids`.
 The runner also implements the profiler's `PhaseRunner` protocol (nexus_tune/core/runner.py):
 `prefill_fn` / `decode_fn` with part "all" | "attention" | "dense", captured as graphs on the
@@ -26,14 +26,14 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata, decode_attention, prefill_attention, resolve_backend, store_kv
-from engine.config import ModelConfig
-from engine.cuda_graphs import GraphCaptureReport, GraphSet, capture
-from engine.kv_cache import KVCache, activation_bytes, num_blocks_for_device
-from engine.loader import load_model
-from engine.sampling import sample
-from engine.step_inputs import DecodeInput, DecodeRows, PrefillArrays, PrefillInput, Staging, prefill_arrays
-from engine.tokenizer import load_tokenizer
+from nexus_tune.engine.attention import AttentionMetadata, decode_attention, prefill_attention, resolve_backend, store_kv
+from nexus_tune.engine.config import ModelConfig
+from nexus_tune.engine.cuda_graphs import GraphCaptureReport, GraphSet, capture
+from nexus_tune.engine.kv_cache import KVCache, activation_bytes, num_blocks_for_device
+from nexus_tune.engine.loader import load_model
+from nexus_tune.engine.sampling import sample
+from nexus_tune.engine.step_inputs import DecodeInput, DecodeRows, PrefillArrays, PrefillInput, Staging, prefill_arrays
+from nexus_tune.engine.tokenizer import load_tokenizer
 from nexus_tune.core.engine_config import EngineConfig
 from nexus_tune.core.latency_model import PARTS
 from nexus_tune.core.sequence import SamplingParams
@@ -213,7 +213,7 @@ class ModelRunner:
         """Prefill graphs per (side, token bucket up to `prefill_tokens`, default max_num_batched_tokens;
         or exactly `prefill_sizes`) and decode graphs per (side, batch bucket up to max_num_seqs); each
         side maps to (its stream, its SMs or None for the whole GPU), which sizes the prefill GEMMs and
-        the decode attention's splits (engine/cuda_graphs.py says why not the decode GEMMs)."""
+        the decode attention's splits (nexus_tune/engine/cuda_graphs.py says why not the decode GEMMs)."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; on a CPU every step runs eagerly")
         reports = []
@@ -378,7 +378,7 @@ class _PrefillBuffers:
 
     def shape_of(self, tokens: int) -> tuple[int, int]:
         """(sequences, tile-map rows) of the graph of a `tokens` bucket."""
-        from engine.kernels.prefill_attention import max_tiles
+        from nexus_tune.engine.kernels.prefill_attention import max_tiles
 
         seqs = min(tokens, self.max_seqs)
         return seqs, max_tiles(tokens, seqs, self.tile_tokens)
@@ -430,7 +430,7 @@ def _synchronize(device: torch.device) -> None:
 
 def _tile_tokens(config: ModelConfig, dtype: torch.dtype) -> int:
     """Query tokens per program of the Triton prefill kernel: the tile map is built in these units."""
-    from engine.kernels.prefill_attention import default_config
+    from nexus_tune.engine.kernels.prefill_attention import default_config
 
     group = config.num_attention_heads // config.num_key_value_heads
     return default_config(config.head_dim, dtype).tile_tokens(group)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, decode_attention, prefill_attention, store_kv, triton_kernels
-from engine.config import ModelConfig
-from engine.kv_cache import KVCache
+from nexus_tune.engine.attention import AttentionMetadata, decode_attention, prefill_attention, store_kv, triton_kernels
+from nexus_tune.engine.config import ModelConfig
+from nexus_tune.engine.kv_cache import KVCache
 
 
 def rope_cos_sin(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.tiles import BOUNDED, CAUSAL, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
+from nexus_tune.engine.kernels.tiles import BOUNDED, CAUSAL, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
 
 
 @dataclass(frozen=True)

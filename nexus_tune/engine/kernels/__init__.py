@@ -2,11 +2,11 @@
 
 Importing this package needs triton; off-GPU they run only under TRITON_INTERPRET=1 (tests).
 """
-from engine.kernels.decode_attention import DecodeConfig, decode_attention, num_kv_splits
-from engine.kernels.prefill_attention import PrefillConfig, default_config, max_tiles, prefill_attention, tile_map
-from engine.kernels.rms_norm import rms_norm
-from engine.kernels.rope import apply_rope
-from engine.kernels.store_kv import store_kv
+from nexus_tune.engine.kernels.decode_attention import DecodeConfig, decode_attention, num_kv_splits
+from nexus_tune.engine.kernels.prefill_attention import PrefillConfig, default_config, max_tiles, prefill_attention, tile_map
+from nexus_tune.engine.kernels.rms_norm import rms_norm
+from nexus_tune.engine.kernels.rope import apply_rope
+from nexus_tune.engine.kernels.store_kv import store_kv
 
 __all__ = ["DecodeConfig", "PrefillConfig", "apply_rope", "decode_attention", "default_config", "max_tiles", "num_kv_splits",
            "prefill_attention", "rms_norm", "store_kv", "tile_map"]

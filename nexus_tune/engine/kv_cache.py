@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
+from nexus_tune.engine.config import ModelConfig
 
 # Without a GPU there is no "free memory" to fill: a fixed budget stands in for it.
 CPU_KV_BYTES = 64 << 20

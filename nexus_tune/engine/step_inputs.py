@@ -152,7 +152,7 @@ def prefill_arrays(batch: PrefillInput, block_size: int, max_model_len: int, scr
     on_device = np.flatnonzero(src >= 0)
     tiles = None
     if tile_tokens is not None:
-        from engine.kernels.prefill_attention import tile_map  # triton: only the Triton backend gets here
+        from nexus_tune.engine.kernels.prefill_attention import tile_map  # triton: only the Triton backend gets here
 
         tiles = tile_map(q_lens, prefix, tile_tokens, tile_capacity)
     return PrefillArrays(rows, cu, lens, last, tables, tiles, cu[on_device].astype(np.int64), src[on_device],
