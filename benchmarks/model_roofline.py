@@ -8,8 +8,9 @@ On one GPU (an H200 in about three minutes), with random bf16 weights (no downlo
 2. llama-3.1-8b decode step, batch 64 x 2048 KV tokens each, as a CUDA graph: on the whole GPU
    against the HBM floor (weight bytes + KV bytes read, over the copy bandwidth; target 1.15x with
    the engine's host work, which benchmarks/engine_overhead.py adds), and on the decode side of the
-   40/92 split with GEMMs sized for it (nexus_tune/engine/cuda_graphs.py) and without (cuBLAS's whole-chip
-   grids), against the whole GPU (target 1.05x).
+   40/92 split with its kernels' grids sized for it and without (sized for 132 SMs), against the
+   whole GPU (target 1.05x); the kernels of one eager step summed by kind (torch.profiler): where
+   the time goes.
 3. llama-3.1-8b prefill of one 2048-token chunk as a graph: on the whole GPU against the matmul
    rate, eager beside it; on partitions of 64, 96 and 112 SMs, sized and unsized, against the
    whole-GPU time x 132 / S (target: at most that).
@@ -163,6 +164,36 @@ def graphs(runner: ModelRunner, table: SplitTable, batch: int, kv: int, chunk: i
         out["prefill_ms"][str(key)] = time_ms(lambda k=key: runner.prefill(pstep, key=k), iters=3, stream=stream)
     out["prefill_ms"]["whole eager"] = time_ms(lambda: runner.prefill(pstep, table.whole), iters=3,
                                                stream=table.whole)
+    out["decode_kernels_ms"] = decode_breakdown(runner, step, table.whole)
+    return out
+
+
+KERNEL_KINDS = (("LM head (skinny)", ("_skinny",)), ("SwiGLU", ("_silu_mul",)), ("cuBLAS GEMM", ("gemm", "nvjet", "cutlass", "xmma")),
+                ("decode attention", ("_split_kernel", "_merge_kernel")), ("RMSNorm", ("rms_norm",)),
+                ("RoPE", ("rope",)), ("KV write", ("store_kv",)), ("copies", ("Memcpy", "Memset")))
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other (elementwise, embedding)")
+
+
+def decode_breakdown(runner: ModelRunner, step: DecodeInput, stream: Any, steps: int = 3) -> dict[str, float]:
+    """ms per decode step by kernel kind, summed over the kernels of eager steps (torch.profiler):
+    where the graph's time goes (the graph adds no kernels, only removes the launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.cuda.stream(stream):
+        runner.decode(step)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                runner.decode(step)
+            torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0.0)
+        if us > 0:
+            kind = kernel_kind(e.key)
+            out[kind] = out.get(kind, 0.0) + us / 1e3 / steps
     return out
 
 
@@ -360,6 +391,9 @@ def main() -> int:
         (f"decode {args.batch} x {args.kv} graph, whole GPU",
          f"{g['decode_ms']['whole']:.2f} ms = {d['ratio']:.2f}x floor {d['floor_ms']:.2f} ms "
          f"({d['weight_gb']:.1f} GB weights + {d['kv_gb']:.1f} GB KV)"),
+        ("decode kernels per step (eager, whole GPU)",
+         ", ".join(f"{k} {v:.3f}" for k, v in sorted(g["decode_kernels_ms"].items(), key=lambda kv: -kv[1]))
+         + f" = {sum(g['decode_kernels_ms'].values()):.2f} ms"),
         (f"decode on {DECODE_SIDE} SMs sized / unsized",
          f"{g['decode_ms'][str(DECODE_SIDE)]:.2f} / {g['decode_ms'][f'{DECODE_SIDE}u']:.2f} ms = "
          f"{g['decode_ms'][str(DECODE_SIDE)] / g['decode_ms']['whole']:.3f}x / "

@@ -20,6 +20,9 @@ pytest.importorskip("triton")
 
 from nexus_tune.engine.kernels import (DecodeConfig, PrefillConfig, apply_rope, decode_attention, default_config,  # noqa: E402
                             max_tiles, num_kv_splits, prefill_attention, rms_norm, store_kv, tile_map)
+from nexus_tune.engine.kernels.silu_mul import silu_mul  # noqa: E402
+from nexus_tune.engine.kernels.skinny_gemm import MAX_ROWS as SKINNY_MAX_ROWS  # noqa: E402
+from nexus_tune.engine.kernels.skinny_gemm import SkinnyConfig, skinny_linear  # noqa: E402
 from nexus_tune.engine.kernels.decode_attention import MAX_SPLITS  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -361,3 +364,51 @@ def test_apply_rope(dtype):
     assert (k.cpu().double() - ref_k).abs().max().item() <= tol * ref_k.abs().max().item()
     v_start = (q_heads + kv_heads) * head_dim
     assert torch.equal(qkv[:, v_start:], before[:, v_start:])  # v untouched
+
+
+# The LM head of a few rows: odd M, N and K (masked tails), against a float64 product.
+SKINNY_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not CUDA, reason="Triton's interpreter miscomputes bf16 tl.dot"))]
+
+
+@pytest.mark.parametrize("dtype", SKINNY_DTYPES)
+@pytest.mark.parametrize("m,n,k,config", [
+    (1, 40, 96, SkinnyConfig(block_n=16, block_k=32)),    # K a multiple of the tile: unmasked loads
+    (5, 48, 130, SkinnyConfig(block_n=32, block_k=32)),   # K tail masked
+    (64, 70, 64, SkinnyConfig(block_n=32, block_k=64)),   # a full row block, N tail
+])
+def test_skinny_linear(m, n, k, config, dtype):
+    gen = _gen(m * n + k)
+    x = _randn(gen, m, k, dtype=dtype)
+    w = _randn(gen, n, k, dtype=dtype) * k ** -0.5
+    _poison_allocator(m * n)
+    out = skinny_linear(x, w, cfg=config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close(out, (x.double() @ w.double().t()).cpu(), dtype)
+    into = torch.full((m + 3, n), float("nan"), device=DEVICE, dtype=dtype)
+    skinny_linear(x, w, out=into[:m], cfg=config)
+    assert torch.equal(into[:m], out) and into[m:].isnan().all()  # writes its rows of `out`, no others
+
+
+def test_skinny_linear_rejects_bad_shapes():
+    w = torch.zeros(16, 32)
+    with pytest.raises(ValueError, match="at most"):
+        skinny_linear(torch.zeros(SKINNY_MAX_ROWS + 1, 32), w)
+    with pytest.raises(ValueError, match="columns"):
+        skinny_linear(torch.zeros(2, 31), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,inter", [(1, 8), (3, 1500), (0, 16)])
+def test_silu_mul(rows, inter, dtype):
+    gate_up = _randn(_gen(rows + inter), rows, 2 * inter, dtype=dtype) * 3
+    out = silu_mul(gate_up)
+    # PyTorch's two kernels in the same dtype; bf16: within the two roundings (2 ulps)
+    ref = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    assert out.shape == (rows, inter) and out.dtype == dtype
+    assert torch.allclose(out.float(), ref.float(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+def test_silu_mul_rejects_an_odd_width():
+    with pytest.raises(ValueError, match="2I"):
+        silu_mul(torch.zeros(2, 7))

@@ -44,6 +44,22 @@ def test_fit_recovers_the_terms_and_ignores_idle_gaps():
     assert err["steps"] == 299  # the last step has no next one: no cycle
 
 
+def test_the_fit_weighs_every_step_by_its_relative_error():
+    # Short steps that follow the law, and a few long ones 15% off it: an absolute least-squares fit
+    # would bend to the long steps and miss every short one; the relative fit keeps them exact.
+    log = engine_log(1.0, 1.0, 0.0, gap=0.0, n=100, seed=3)
+    t = log[-1]["end_ms"]
+    for i in range(5):
+        r = decode_record(t, 256, 256 * 8000)
+        r["gpu_ms"] = 0.85 * (predicted_gpu_ms(r, MODEL) + 1.0)
+        r["end_ms"] = t = t + r["gpu_ms"]
+        log.append(r)
+    fitted = StepOverhead().fit([log], MODEL)
+    misses = [abs(fitted.predict("decode/decode", predicted_gpu_ms(r, MODEL), r["num_seqs"]) / r["gpu_ms"] - 1)
+              for r in log[:99]]
+    assert sorted(misses)[len(misses) // 2] < 0.02  # the median short step within 2%
+
+
 def test_a_key_with_too_few_steps_stays_the_prediction():
     fitted = StepOverhead().fit([engine_log(1.5, 1.0, 0.0, gap=0.2, n=20)], MODEL, min_steps=30)
     assert fitted.terms == {}

@@ -509,6 +509,16 @@ def test_an_engine_refusal_is_a_400_not_a_500():
         assert events[-1]["error"]["code"] == "invalid_value" and r.text.endswith("data: [DONE]\n\n")
 
 
+def test_streamed_text_with_unicode_line_separators_survives_a_splitlines_client():
+    """U+0085 / U+2028 in the text are escaped, so a client splitting lines as str.splitlines does
+    still sees one JSON object per event (the fuzzer found '\x85' echoed raw)."""
+    with TestClient(build_app(FakeEngine(scripted=False), MODEL)) as client:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "a\x85b\u2028c", "echo": True,
+                                                 "max_tokens": 2, "stream": True})
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert events and "".join(e["choices"][0]["text"] for e in events if e["choices"]).startswith("a\x85b\u2028c")
+
+
 # -- the real engine: `nexus-tune serve --model tiny --device cpu` in a subprocess -----------
 # One running sequence and one waiting slot: the overload test needs them, and the others send
 # one request at a time, so a single server process serves the whole module.

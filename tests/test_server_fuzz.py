@@ -112,7 +112,8 @@ def check(response, stream: bool) -> None:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
     elif stream:
-        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        # SSE ends lines at CR or LF only; str.splitlines would also split at U+0085 and U+2028.
+        events = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert not any("error" in json.loads(e) for e in events[:-1]), response.text
 

@@ -15,7 +15,8 @@ prefill|decode|mixed), a loop's cycle (one step's start to the next one's) is mo
 
     cycle_ms = scale * predicted_ms + fixed_ms + per_seq_ms * num_seqs
 
-with non-negative terms fitted by least squares. The target is the step's measured GPU span (from
+with non-negative terms fitted by least squares on relative errors (a 10 ms step's miss counts as
+much as a 200 ms step's, as the 8% target reads them). The target is the step's measured GPU span (from
 its start event, so host work before the launch counts) plus the host gap to the loop's next step;
 a gap longer than GAP_IDLE x the key's median gap is the loop waiting for work, not working, and
 counts as the median. Keys with fewer than `min_steps` steps stay unfitted: their cycle is the
@@ -107,7 +108,8 @@ class StepOverhead:
                 continue
             a = np.array(data, dtype=float)
             x = np.column_stack([a[:, 0], np.ones(len(a)), a[:, 1]])
-            coef, _ = nnls(x, a[:, 2])
+            # Relative least squares (each step's error over its cycle): steps of 10 and 200 ms count alike.
+            coef, _ = nnls(x / a[:, 2:3], np.ones(len(a)))
             self.terms[key] = (float(coef[0]), float(coef[1]), float(coef[2]))
             self.fit_error[key] = {"steps": len(a), "profile_mape_pct": _mape(a[:, 0], a[:, 2]),
                                    "fitted_mape_pct": _mape(x @ coef, a[:, 2])}

@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("triton", "torch")
-_KERNEL_FUNCS = ("store_kv", "decode_attention", "prefill_attention", "rms_norm", "apply_rope")
+_KERNEL_FUNCS = ("store_kv", "decode_attention", "prefill_attention", "rms_norm", "apply_rope", "silu_mul", "skinny_linear")
 
 
 class BackendError(RuntimeError):

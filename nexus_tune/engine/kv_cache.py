@@ -8,6 +8,8 @@ never touches a live sequence and no kernel needs a "skip this slot" convention.
 """
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from nexus_tune.engine.config import ModelConfig
@@ -68,6 +70,10 @@ def num_blocks_for_device(config: ModelConfig, block_size: int, dtype: torch.dty
     per_block = KVCache.block_bytes(config, block_size, dtype)
     if device.type != "cuda":
         return max(1, CPU_KV_BYTES // per_block - 1)
+    # Memory a previous runner of this process left in PyTorch's cache is free for this one: the
+    # driver counts it as used until the cache lets it go (the caller drops that runner first).
+    gc.collect()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     budget = int(total * gpu_memory_utilization) - (total - free) - reserve_bytes - GPU_FIXED_RESERVE_BYTES
     blocks = budget // per_block - 1  # minus the scratch block

@@ -6,6 +6,8 @@ q/k/v and gate/up are each one fused projection (one GEMM). The residual add rid
 next RMSNorm (one fused kernel on the Triton backend). RoPE's cos/sin table is precomputed
 for every position, so a step only indexes it (the Triton kernel rotates q and k in place, in
 one launch). Nothing here reads a value back to the host.
+On the Triton backend SwiGLU's silu(gate) * up is one kernel, and the LM head of a few rows (decode
+batches) runs through a Triton kernel that reads its weight faster than cuBLAS does at that shape.
 """
 from __future__ import annotations
 
@@ -110,9 +112,13 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.backend = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.backend == "triton":
+            return self.down_proj(triton_kernels().silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -144,6 +150,7 @@ class Transformer(nn.Module):
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         # Not a buffer: it stays float32 whatever dtype the weights take.
         self.rope_cache = rope_cos_sin(config)
+        self.backend = "torch"
 
     @classmethod
     def empty(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> "Transformer":
@@ -155,9 +162,11 @@ class Transformer(nn.Module):
         return model
 
     def set_backend(self, backend: str) -> None:
-        """'triton' or 'torch' for every attention and norm op (resolve it with attention.resolve_backend)."""
+        """'triton' or 'torch' for every attention, norm, activation and LM-head op (resolve it with
+        attention.resolve_backend)."""
+        self.backend = backend
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention)):
+            if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.backend = backend
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
@@ -174,4 +183,6 @@ class Transformer(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in the weights' dtype (into `out` when given)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.backend == "triton" and hidden.shape[0] <= triton_kernels().SKINNY_MAX_ROWS:
+            return triton_kernels().skinny_linear(hidden, weight, out)
         return torch.matmul(hidden, weight.t(), out=out)

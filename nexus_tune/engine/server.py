@@ -781,7 +781,9 @@ class _Shape:
 
 
 def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    # ASCII-escaped: text holding U+0085, U+2028 or U+2029 would end the line for clients that
+    # split lines as str.splitlines does (SSE itself ends lines only at CR and LF).
+    return f"data: {json.dumps(payload)}\n\n"
 
 
 def _prompt_param(body: CompletionRequest | ChatRequest) -> str:

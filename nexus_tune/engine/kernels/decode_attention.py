@@ -16,14 +16,13 @@ benchmarks/decode_gap.py, since replaced by engine_overhead.py). Splits past a s
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from nexus_tune.engine.kernels.tiles import BOUNDED, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
+from nexus_tune.engine.kernels.tiles import BOUNDED, device_sms, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
 
 MAX_SPLITS = 64        # kernel 2 holds every split's partial row in registers
 MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write) dominates
@@ -34,18 +33,14 @@ GRID_PER_SM = 64       # launched programs per SM at most (idle splits still cos
 class DecodeConfig:
     block_n: int = 64  # KV positions per tile
     num_warps: int = 4
-    num_stages: int = 2
-    programs_per_sm: int = 4  # working programs per SM: enough to hide memory latency and the tail wave
+    num_stages: int = 3
+    # Working programs per SM: enough bytes in flight to hide memory latency on a split side too
+    # (H200, 64 x 2048 KV: 8 instead of 4 took 0.212 -> 0.173 ms on 92 SMs, 0.218 -> 0.198 on 68,
+    # 0.151 -> 0.151 on all 132; docs/performance.md).
+    programs_per_sm: int = 8
 
 
 DEFAULT_DECODE = DecodeConfig()
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the H100 the engine targets; only the interpreter runs off-GPU
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def num_kv_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int) -> int:
@@ -144,7 +139,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     which sizes the KV splits. `num_splits` overrides the shape-based bound, `config` the tiles and
     the programs per SM (benchmarks, tests).
     """
-    sms = num_sms or _num_sms(q.device)
+    sms = num_sms or device_sms(q.device)
     check_attention_inputs(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape

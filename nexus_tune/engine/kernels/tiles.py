@@ -10,6 +10,8 @@ Softmax is online in base 2 (`qk_scale` already holds log2(e)), accumulation in 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,14 @@ CAUSAL: tl.constexpr = tl.constexpr(2)
 # Start value of the running max: finite, so a row that has seen only masked keys keeps
 # exp2(-inf - m) = 0 instead of NaN, and an empty range ends with l = 0, never NaN.
 NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
+
+
+@functools.lru_cache(maxsize=None)
+def device_sms(device: torch.device) -> int:
+    """The device's SM count (grids are sized from it); 132, an H100's, off-GPU (the interpreter)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def dot_precision(dtype: torch.dtype) -> str:
