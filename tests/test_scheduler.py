@@ -576,3 +576,13 @@ def test_random_loads_complete_with_identical_outputs(policy, num_blocks, chunk,
         assert seq.output_token_ids == want if seq.status is SequenceStatus.FINISHED else seq.block_table == []
     assert sched.bm.num_free == sched.bm.num_blocks
     assert sched.stats()["queued_prefill_tokens"] == sched.stats()["decode_kv_tokens"] == 0
+
+
+@given(st.lists(st.tuples(st.integers(1, 4096), st.integers(0, 16384)), min_size=1, max_size=6))
+def test_a_prefill_batch_counts_the_causal_pairs_its_chunks_attend(chunks):
+    seqs = [make_seq(i, n + p, 1) for i, (n, p) in enumerate(chunks)]
+    batch = PrefillBatch(seqs, [n for n, _ in chunks], [p for _, p in chunks], [True] * len(chunks))
+    # Token j of a chunk over prefix p attends to p + j + 1 keys.
+    assert batch.attention_pairs == sum(sum(p + j + 1 for j in range(n)) for n, p in chunks)
+    # never more than one chunk of all the tokens over all the prefixes, as the latency model prices it
+    assert batch.attention_pairs <= batch.num_tokens * batch.prefix_tokens + batch.num_tokens * (batch.num_tokens + 1) // 2

@@ -93,6 +93,14 @@ class PrefillBatch:
     def prefix_tokens(self) -> int:
         return sum(self.prefix_lens)
 
+    @property
+    def attention_pairs(self) -> int:
+        """Causal (query, key) pairs the chunks attend: sum of n * (prefix + (n + 1) / 2). The latency
+        model prices num_tokens over prefix_tokens as one chunk, which overcharges chunks packed together
+        (every token charged for every prefix); step records carry both, so a pricing by pairs can be
+        checked against engine runs (docs/performance.md, issue 17)."""
+        return sum(n * p + n * (n + 1) // 2 for n, p in zip(self.chunk_lens, self.prefix_lens))
+
 
 @dataclass
 class DecodeBatch:

@@ -139,6 +139,7 @@ class StepRecord:
     start_ms: float | None = None  # on the log's timeline: its reference event (a CPU: its creation)
     end_ms: float | None = None
     failed: bool = False  # part of the batch raised and it was re-run one sequence at a time
+    prefill_pairs: int = 0  # causal (query, key) pairs of the prompt chunks (PrefillBatch.attention_pairs)
     cycle_ms: float | None = None  # the loop's wall time per step: the previous step's end (or this one's
     # schedule call, after idling) to the end of this one's bookkeeping
     predicted_ms: float | None = None  # nexus: the kernel time the latency model expected, before this step
@@ -422,6 +423,7 @@ class LoopContext:
             loop=step.loop, kind=step.kind, sms=step.sms,
             num_seqs=(len(prefill.seqs) if prefill else 0) + (len(decode.seqs) if decode else 0),
             prefill_tokens=prefill.num_tokens if prefill else 0, prefill_kv=prefill.prefix_tokens if prefill else 0,
+            prefill_pairs=prefill.attention_pairs if prefill else 0,
             decode_seqs=len(decode.seqs) if decode else 0, decode_kv=decode.kv_tokens if decode else 0,
             beside_prefill=step.beside[0], beside_prefill_kv=step.beside[1], sched_ms=step.sched_ms,
             host_ms=launched.host_ms, failed=bool(launched.failed), cycle_ms=cycle_ms)
