@@ -120,6 +120,27 @@ def test_decode_attention(q_heads, kv_heads, head_dim, block_size, seq_lens, num
         assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], n, scale)[0], dtype)
 
 
+def test_decode_attention_attends_only_the_counted_rows_into_out():
+    """With `num_rows` (a count on the device) and `out`, rows past the count are left as they were:
+    the decode rows of a mixed step write their part of the prefill output and nothing else."""
+    gen = _gen(8)
+    seq_lens = [300, 5, 90, 40]
+    k_cache, v_cache, tables, lens = make_paged_kv(gen, seq_lens, 2, 32, 16, 40, torch.float32)
+    q = _randn(gen, 4, 8, 32)
+    out = torch.full_like(q, 7.0)
+    result = decode_attention(q, k_cache, v_cache, tables, lens, 32 ** -0.5, out=out,
+                              num_rows=torch.tensor([2], dtype=torch.int32, device=DEVICE))
+    assert result is out
+    for b in range(2):
+        assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], seq_lens[b], 32 ** -0.5)[0],
+                     torch.float32)
+    assert (out[2:] == 7.0).all()
+    with pytest.raises(ValueError, match="num_rows"):
+        decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_rows=torch.tensor([2], device=DEVICE))
+    with pytest.raises(ValueError, match="out"):
+        decode_attention(q, k_cache, v_cache, tables, lens, 0.1, out=out[:3])
+
+
 def test_decode_split_bound_comes_from_shapes():
     assert num_kv_splits(64, 8, 2048, 132) == 8            # room for a 2048-token sequence in 256-token splits
     assert num_kv_splits(256, 8, 16384, 132) <= 5          # a big batch: the launch budget bounds the grid
@@ -210,6 +231,40 @@ def test_prefill_attention(q_heads, kv_heads, head_dim, block_size, prefixes, q_
     out = prefill_attention(q, k, v, k_pois, v_pois, cu, lens, tables, tiles, scale, config=config)
     assert out.shape == q.shape and out.dtype == dtype
     check_prefill(out, q, cu, k_cache, v_cache, tables, prefixes, q_lens, scale, dtype)
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("q_heads,kv_heads,prefixes,q_lens", [
+    (8, 2, [300, 90, 620, 0, 37], [1, 1, 1, 40, 23]),  # decode rows first (as the engine packs them), then chunks
+    (8, 1, [130, 17], [1, 1]),                          # decode rows only (group 8, Qwen2.5-3B)
+    (4, 2, [70, 0, 5], [1, 33, 1]),                     # a single-token chunk behind a prompt stays in the tile map
+    (8, 2, [100], [1]),                                 # one row (Triton makes a batch of 1 a constant)
+])
+def test_mixed_step_sends_its_decode_rows_to_the_split_kv_kernel(q_heads, kv_heads, prefixes, q_lens, dtype):
+    """AttentionMetadata.decode_rows on Triton: the leading single-token rows of a chunked mixed step
+    are attended by the decode kernel (their KV split across programs), the rest by the tile map;
+    together they equal the reference."""
+    from nexus_tune.engine.attention import AttentionMetadata
+    from nexus_tune.engine.attention import prefill_attention as attend_prefill
+
+    gen = _gen(9)
+    cfg = default_config(32, dtype)
+    k_cache, v_cache, tables, lens = make_paged_kv(gen, [p + n for p, n in zip(prefixes, q_lens)], kv_heads,
+                                                   32, 16, 40, dtype)
+    q, k, v, k_pois, v_pois, cu, _ = chunk_inputs(gen, k_cache, v_cache, tables, prefixes, q_lens, q_heads, cfg)
+    singles = next((b for b, n in enumerate(q_lens) if n != 1), len(q_lens))
+    for b in range(singles):  # a decode row's own K/V are read from the cache, where store_kv put them
+        page, slot = tables[b, prefixes[b] // 16], prefixes[b] % 16
+        k_pois[page, slot], v_pois[page, slot] = k_cache[page, slot], v_cache[page, slot]
+    tile_tokens = cfg.tile_tokens(q_heads // kv_heads)
+    tiles = tile_map([0 if b < singles else n for b, n in enumerate(q_lens)], prefixes, tile_tokens,
+                     capacity=max_tiles(sum(q_lens), len(q_lens), tile_tokens))
+    meta = AttentionMetadata(is_prefill=True, slot_mapping=torch.zeros(0), block_tables=tables, seq_lens=lens,
+                             cu_seqlens_q=cu, max_seq_len=max(lens.tolist()), tiles=torch.from_numpy(tiles).to(DEVICE),
+                             decode_rows=torch.tensor([singles], dtype=torch.int32, device=DEVICE))
+    _poison_allocator(q.numel())
+    out = attend_prefill(q, k, v, k_pois, v_pois, meta, 32 ** -0.5, "triton")
+    check_prefill(out, q, cu, k_cache, v_cache, tables, prefixes, q_lens, 32 ** -0.5, dtype)
 
 
 def test_tile_map_covers_every_query_once_heaviest_first():

@@ -177,3 +177,6 @@ def test_triton_backend_matches_reference_in_interpreter():
     torch.testing.assert_close(tri.prefill(batch), ref.prefill(batch), **TOL)
     step = DecodeInput([5, 6], [15, 23], [[0], [1, 2]])
     torch.testing.assert_close(tri.decode(step), ref.decode(step), **TOL)
+    # A chunked mixed step: two decode rows first (the split-KV decode kernel), then a fresh prompt.
+    mixed = PrefillInput([[7], [8], ids[:9]], [16, 24, 0], [[0, 4], [1, 2], [3]])
+    torch.testing.assert_close(tri.prefill(mixed), ref.prefill(mixed), **TOL)

@@ -4,7 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from nexus_tune.core.overhead import StepOverhead, predicted_gpu_ms, step_fidelity
+from nexus_tune.core.latency_model import chunk_prefix
+from nexus_tune.core.overhead import StepOverhead, predicted_gpu_ms, record_prefix, step_fidelity
 from nexus_tune.core.profile import Profile
 from nexus_tune.core.testing import synthetic_profile
 from nexus_tune.core.simulator import simulate
@@ -105,6 +106,20 @@ def test_mixed_prediction_degenerates_to_its_parts():
     assert MODEL.predict_mixed(512, 100, 0, 0, 132) == MODEL.predict_prefill(512, 100, 132)
     both = MODEL.predict_mixed(512, 0, 8, 8000, 132)
     assert both > MODEL.predict_prefill(520, 0, 132)  # the decode rows' attention on top
+
+
+def test_packed_prompt_chunks_are_priced_by_the_pairs_they_attend():
+    # two chunks of 256: one over a 4096-token prefix, one fresh; records saved before steps carried
+    # their pairs keep the summed prefix
+    pairs = 256 * 4096 + 2 * (256 * 257 // 2)
+    record = {"kind": "prefill", "sms": 132, "prefill_tokens": 512, "prefill_kv": 4096, "prefill_pairs": pairs,
+              "decode_seqs": 0, "decode_kv": 0, "beside_prefill": 0, "beside_prefill_kv": 0}
+    assert record_prefix(record) == chunk_prefix(512, pairs) == round((pairs - 512 * 513 / 2) / 512)
+    assert predicted_gpu_ms(record, MODEL) == MODEL.predict_prefill(512, record_prefix(record), 132)
+    assert predicted_gpu_ms(record, MODEL) < MODEL.predict_prefill(512, 4096, 132)
+    assert record_prefix({**record, "prefill_pairs": 0}) == 4096
+    assert chunk_prefix(512, 512 * 300 + 512 * 513 // 2) == 300  # one chunk keeps its prefix
+    assert chunk_prefix(0, 0) == 0 and chunk_prefix(512, 2 * 256 * 257 // 2) == 0  # fresh prompts packed: 0
 
 
 @pytest.mark.parametrize("policy, key", [("nexus", "decode/decode"), ("chunked", "mixed/decode"),

@@ -8,6 +8,7 @@ sim_fidelity replays them in the simulator.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -22,7 +23,7 @@ from nexus_tune.commands.replay import Replay, _Progress
 from nexus_tune.engine.loader import resolve_config
 from nexus_tune.engine.loops import StepRecord
 from nexus_tune.commands import cli
-from nexus_tune.commands.calibrate import RECORDS_FILE
+from nexus_tune.commands.calibrate import RECORDS_FILE, calibrate, saved_results
 from nexus_tune.core import metrics
 from nexus_tune.core.profile import Profile
 from nexus_tune.core.testing import synthetic_profile
@@ -218,6 +219,23 @@ def test_saved_steps_calibrate_the_profile_and_the_simulator_replays_the_runs(ev
             assert row[m]["ratio"] == pytest.approx(row[m]["simulated"] / row[m]["measured"])
         # the fitted step overhead is part of the replay: without it the simulator predicts otherwise
         assert any(row[m]["simulated"] != bare[key][m]["simulated"] for m in sim_fidelity.METRICS), key
+
+
+def test_leave_one_out_fits_each_run_on_the_others_and_reads_gzipped_results(eval_out, tiny_profile, tmp_path):
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for f in eval_out.glob("*.json"):
+        (gz / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
+    plain = fidelity(eval_out, tiny_profile, tmp_path)
+    assert fidelity(gz, tiny_profile, tmp_path) == plain
+    held = fidelity(gz, tiny_profile, tmp_path, "--leave-one-out", "--min-steps", "5")
+    assert [(r["policy"], r["rate"]) for r in held] == [(r["policy"], r["rate"]) for r in plain]
+    # each run is replayed with an overhead fitted on the other runs' steps, never on its own
+    logs = {(str(path), i): run["step_records"] for path, r in saved_results([str(gz)]) for i, run in enumerate(r["runs"])}
+    profile, leave = Profile.load(tiny_profile), next(iter(logs))
+    fitted = sim_fidelity.held_out(profile, logs, leave, 5).step_overhead
+    assert fitted.terms == calibrate(profile, [log for k, log in logs.items() if k != leave], 5).terms
+    assert fitted.terms != calibrate(profile, list(logs.values()), 5).terms
 
 
 def fidelity(eval_out: Path, profile: Path, tmp_path: Path, *extra: str) -> list[dict]:

@@ -584,5 +584,10 @@ def test_a_prefill_batch_counts_the_causal_pairs_its_chunks_attend(chunks):
     batch = PrefillBatch(seqs, [n for n, _ in chunks], [p for _, p in chunks], [True] * len(chunks))
     # Token j of a chunk over prefix p attends to p + j + 1 keys.
     assert batch.attention_pairs == sum(sum(p + j + 1 for j in range(n)) for n, p in chunks)
-    # never more than one chunk of all the tokens over all the prefixes, as the latency model prices it
+    # never more than one chunk of all the tokens over all the prefixes
     assert batch.attention_pairs <= batch.num_tokens * batch.prefix_tokens + batch.num_tokens * (batch.num_tokens + 1) // 2
+    # priced as one chunk over the prefix that attends as many pairs: never above the summed prefix,
+    # a single chunk at its own prefix
+    assert 0 <= batch.priced_prefix <= batch.prefix_tokens
+    if len(chunks) == 1:
+        assert batch.priced_prefix == chunks[0][1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,27 +32,33 @@ class CalibrationError(RuntimeError):
     """Calibration cannot run or has nothing to fit; the message says what to do."""
 
 
-def saved_step_logs(folders: list[str], model_name: str) -> tuple[list[list[dict[str, Any]]], list[str]]:
-    """The step log of every run of `model_name` saved under `folders` (this command's RECORDS_FILE, or
-    paper_eval results written with --save-steps; .json or .json.gz), and the files they came from."""
-    logs, files = [], []
+def saved_results(folders: list[str]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(file, content) of every step-record file of this command (RECORDS_FILE) and every paper_eval
+    result under `folders`, .json or .json.gz; other JSON files are skipped."""
     for folder in folders:
         for path in sorted([*Path(folder).glob("*.json"), *Path(folder).glob("*.json.gz")]):
             try:
                 data = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
             except (OSError, UnicodeDecodeError, ValueError) as e:  # gzip and JSON errors are these too
                 raise CalibrationError(f"{path} is not a readable JSON file: {e}") from None
-            if not isinstance(data, dict) or data.get("kind") not in ("paper_eval", "calibration"):
-                continue  # some other JSON in the folder
-            try:
-                if data["meta"]["model"] != model_name:
-                    continue
-                found = [run["step_records"] for run in data["runs"] if run.get("step_records")]
-            except (KeyError, TypeError, AttributeError) as e:
-                raise CalibrationError(f"{path} is a damaged {data['kind']} file ({type(e).__name__}: {e})") from None
-            if found:
-                files.append(str(path))
-                logs += found
+            if isinstance(data, dict) and data.get("kind") in ("paper_eval", "calibration"):
+                yield path, data
+
+
+def saved_step_logs(folders: list[str], model_name: str) -> tuple[list[list[dict[str, Any]]], list[str]]:
+    """The step log of every run of `model_name` saved under `folders` (saved_results: this command's
+    records or paper_eval results written with --save-steps), and the files they came from."""
+    logs, files = [], []
+    for path, data in saved_results(folders):
+        try:
+            if data["meta"]["model"] != model_name:
+                continue
+            found = [run["step_records"] for run in data["runs"] if run.get("step_records")]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CalibrationError(f"{path} is a damaged {data['kind']} file ({type(e).__name__}: {e})") from None
+        if found:
+            files.append(str(path))
+            logs += found
     return logs, files
 
 

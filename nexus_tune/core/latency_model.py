@@ -153,6 +153,18 @@ def _prefill_attention(n: Any, kv: Any) -> tuple[list, list]:
     return [n * (kv + n / 2) / 1e6, n / 1e3], [(kv + n) / 1e3]
 
 
+def chunk_prefix(tokens: int, pairs: int) -> int:
+    """The prefix at which one chunk of `tokens` new tokens attends `pairs` causal (query, key) pairs.
+
+    The prefill features price one chunk over one prefix; several chunks packed into a step each
+    attend their own prefix only, so pricing them at the summed prefix charges every token for every
+    prefix. Priced here at the prefix that gives the same pairs, they cost what they attend (a
+    single chunk keeps its own prefix; fresh prompts packed together get 0)."""
+    if tokens <= 0:
+        return 0
+    return max(round((pairs - tokens * (tokens + 1) / 2) / tokens), 0)
+
+
 def _prefill_dense(n: Any, kv: Any) -> tuple[list, list]:
     # FLOPs linear in tokens; weights read once plus activations per token.
     return [n / 1e3], [1.0, n / 1e3]

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
-from nexus_tune.core.latency_model import Correction, LatencyModel
+from nexus_tune.core.latency_model import Correction, LatencyModel, chunk_prefix
 
 GAP_IDLE = 3.0  # a gap this many times the key's median: the loop was idle, not busy
 IDENTITY = (1.0, 0.0, 0.0)
@@ -55,9 +55,17 @@ def step_gpu_ms(model: LatencyModel, kind: str, sms: int, prefill_tokens: int = 
     return model.predict_mixed(prefill_tokens, prefill_kv, decode_seqs, decode_kv, sms)
 
 
+def record_prefix(record: Mapping[str, Any]) -> int:
+    """The prefix a step record's prompt chunks are priced at: from their causal pairs (chunk_prefix),
+    or, in records saved before steps carried their pairs, the summed prefix."""
+    if record.get("prefill_pairs"):
+        return chunk_prefix(record["prefill_tokens"], record["prefill_pairs"])
+    return record["prefill_kv"]
+
+
 def predicted_gpu_ms(record: Mapping[str, Any], model: LatencyModel) -> float:
     """step_gpu_ms of a step record (a dict of engine.loops.StepRecord's fields)."""
-    return step_gpu_ms(model, record["kind"], record["sms"], record["prefill_tokens"], record["prefill_kv"],
+    return step_gpu_ms(model, record["kind"], record["sms"], record["prefill_tokens"], record_prefix(record),
                        record["decode_seqs"], record["decode_kv"], record["beside_prefill"],
                        record["beside_prefill_kv"])
 

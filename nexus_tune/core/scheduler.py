@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 from nexus_tune.core.block_manager import BlockManager, Fence
 from nexus_tune.core.engine_config import EngineConfig
+from nexus_tune.core.latency_model import chunk_prefix
 from nexus_tune.core.controller import Controller, ControllerKnobs, LatencyPredictor, StepState
 from nexus_tune.core.sequence import Sequence, SequenceStatus
 
@@ -95,11 +96,13 @@ class PrefillBatch:
 
     @property
     def attention_pairs(self) -> int:
-        """Causal (query, key) pairs the chunks attend: sum of n * (prefix + (n + 1) / 2). The latency
-        model prices num_tokens over prefix_tokens as one chunk, which overcharges chunks packed together
-        (every token charged for every prefix); step records carry both, so a pricing by pairs can be
-        checked against engine runs (docs/performance.md, issue 17)."""
+        """Causal (query, key) pairs the chunks attend: sum of n * (prefix + (n + 1) / 2)."""
         return sum(n * p + n * (n + 1) // 2 for n, p in zip(self.chunk_lens, self.prefix_lens))
+
+    @property
+    def priced_prefix(self) -> int:
+        """The prefix the latency model prices this batch at: its pairs as one chunk (chunk_prefix)."""
+        return chunk_prefix(self.num_tokens, self.attention_pairs)
 
 
 @dataclass
@@ -236,7 +239,7 @@ class Scheduler:
                 batch.sms = self.split = self.total_sms
                 self._pause_pending = False
             else:
-                batch.sms = min(self._decide(now, batch.num_tokens, batch.prefix_tokens), free_sms)
+                batch.sms = min(self._decide(now, batch.num_tokens, batch.priced_prefix), free_sms)
             self._prefill_batch, self._prefill_sms = batch, batch.sms
             return batch
 
@@ -563,7 +566,7 @@ class Scheduler:
     def _prefill_load(self) -> tuple[int, int]:
         """(P_T, KV_p) of the prefill in flight, else an estimate of the next one."""
         if self._prefill_batch is not None:
-            return self._prefill_batch.num_tokens, self._prefill_batch.prefix_tokens
+            return self._prefill_batch.num_tokens, self._prefill_batch.priced_prefix
         return min(self._queued_tokens, self.knobs.prefill_chunk_tokens), 0
 
     def _oldest_wait_ms(self, now: float) -> float:

@@ -221,9 +221,9 @@ class _Simulation:
         overhead for that loop and step kind when the profile holds one; and the step as the
         engine reports it to the controller (StepTimes.update's arguments, the cycle last)."""
         kind = "decode" if prefill is None else "prefill" if decode is None else "mixed"
-        p_t, p_kv = (prefill.num_tokens, prefill.prefix_tokens) if prefill is not None else (0, 0)
+        p_t, p_kv = (prefill.num_tokens, prefill.priced_prefix) if prefill is not None else (0, 0)
         d_n, d_kv = (len(decode.seqs), decode.kv_tokens) if decode is not None else (0, 0)
-        b_t, b_kv = (beside.num_tokens, beside.prefix_tokens) if beside is not None else (0, 0)
+        b_t, b_kv = (beside.num_tokens, beside.priced_prefix) if beside is not None else (0, 0)
         gpu_ms = step_gpu_ms(self.model, kind, sms, p_t, p_kv, d_n, d_kv, b_t, b_kv)
         seqs = d_n + (len(prefill.seqs) if prefill is not None else 0)
         ms = gpu_ms if self.overhead is None else self.overhead.predict(f"{loop}/{kind}", gpu_ms, seqs)

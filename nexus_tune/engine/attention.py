@@ -39,6 +39,9 @@ class AttentionMetadata:
     max_seq_len: int
     tiles: torch.Tensor | None = None  # prefill on Triton: [N, 2] int32 tile map (engine.kernels.tile_map)
     num_sms: int | None = None  # the SMs the step runs on (a partition), None: the whole device
+    # Prefill on Triton: [1] int32, the count of leading single-token sequences (a chunked mixed step's
+    # decode rows) that the tile map leaves out and the split-KV decode kernel attends instead.
+    decode_rows: torch.Tensor | None = None
 
 
 @functools.cache
@@ -98,8 +101,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     k, v [T, Hkv, D] are the new tokens' own keys and values, already stored in the caches too: the
     Triton kernel reads them from here (contiguous), the reference from the caches."""
     if backend == "triton":
-        return triton_kernels().prefill_attention(q, k, v, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                                  meta.block_tables, meta.tiles, scale)
+        kernels = triton_kernels()
+        out = kernels.prefill_attention(q, k, v, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
+                                        meta.block_tables, meta.tiles, scale)
+        if meta.decode_rows is not None:
+            # A decode row in the prefill kernel walks its whole KV in one program per KV head; here its
+            # KV is split across the GPU (a chunk of 261 tokens beside 6 rows over 16k KV took 2x).
+            rows = min(q.shape[0], meta.seq_lens.shape[0])
+            kernels.decode_attention(q[:rows], k_cache, v_cache, meta.block_tables[:rows], meta.seq_lens[:rows],
+                                     scale, num_sms=meta.num_sms, num_rows=meta.decode_rows, out=out[:rows])
+        return out
     out = torch.empty_like(q)
     cu, seq_lens = meta.cu_seqlens_q.tolist(), meta.seq_lens.tolist()  # reference path: syncs are fine
     for b, seq_len in enumerate(seq_lens):

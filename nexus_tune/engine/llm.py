@@ -356,7 +356,7 @@ class EngineCore:
             prefill_sms = decode_sms = [total]
         place = self.placement
         return self.runner.capture_graphs(place.sides("prefill", prefill_sms), place.sides("decode", decode_sms),
-                                          total, prefill_tokens=prefill_tokens)
+                                          total, prefill_tokens=prefill_tokens, decode_rows_apart=policy == "chunked")
 
     # -- lifecycle ---------------------------------------------------------------------------
 

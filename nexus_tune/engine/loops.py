@@ -20,9 +20,11 @@ so while one thread waits the other launches; a wait is always on the loop's OWN
 device-wide sync would stall the other loop's kernels).
 
 Across the two streams:
-- Handoff: a prefill step that completes a prompt records an event on the prefill stream; the
-  decode loop makes its stream wait on the newest such event (`stream.wait_event`) before it
-  launches, so the order (KV written, then read) is kept on the GPU, not by a host sync.
+- Handoff: a sequence reaches the decode loop only once the prefill loop has collected the step
+  that completed its prompt (the host waited on that step's event), so its KV is written before
+  any later launch on either stream and the decode stream waits on nothing. (Waiting on the newest
+  prefill event instead held decode steps behind the prefill in flight: 58-69 stalls of up to
+  56 ms in 18 s at 8 req/s on the H200, docs/performance.md.)
 - KV reuse: every batch is finished in the scheduler with its step's event as the fence
   (`BlockManager.free(seq, fence)`), so blocks a step released reach the other stream only
   once that event has passed.
@@ -49,6 +51,7 @@ import torch
 from nexus_tune.engine import sampling
 from nexus_tune.engine.model_runner import ModelRunner, on_stream
 from nexus_tune.engine.step_inputs import DecodeInput, PrefillInput
+from nexus_tune.core.latency_model import chunk_prefix
 from nexus_tune.core.partition import GREEN_CONTEXTS, SplitTable
 from nexus_tune.core.scheduler import DecodeBatch, MixedBatch, PrefillBatch, Scheduler
 from nexus_tune.core.sequence import Sequence
@@ -132,7 +135,7 @@ class StepRecord:
     decode_seqs: int  # B_d
     decode_kv: int  # KV_d
     beside_prefill: int  # decode steps of two-loop policies: tokens of the prefill in flight at launch
-    beside_prefill_kv: int  # and its prefix tokens
+    beside_prefill_kv: int  # and the prefix it is priced at (PrefillBatch.priced_prefix)
     sched_ms: float  # choosing the batch (controller included)
     host_ms: float  # launch to sampled ids on the host
     gpu_ms: float | None = None
@@ -247,15 +250,11 @@ class StepRunner:
     def _alloc(self, rows: int) -> torch.Tensor:
         return torch.empty(rows, dtype=torch.int64, pin_memory=self.cuda)
 
-    def launch(self, rows: list[_Row], kind: str, stream: Any, key: Hashable | None = None,
-               wait: Any = None) -> _Launch:
+    def launch(self, rows: list[_Row], kind: str, stream: Any, key: Hashable | None = None) -> _Launch:
         """`kind` "prefill": one packed prefill-style forward; "decode": a decode step (graphs under `key`)."""
         t0 = time.perf_counter()
-        if stream is not None:
-            if wait is not None:
-                stream.wait_event(wait)
-            if self._last is not None and self._last.stream is not stream:
-                stream.wait_event(self._last.end)  # the previous step's ids feed this one
+        if stream is not None and self._last is not None and self._last.stream is not stream:
+            stream.wait_event(self._last.end)  # the previous step's ids feed this one
         start = self._event(stream)
         ids = self._ids
         try:
@@ -378,10 +377,8 @@ class LoopContext:
     step_log: StepLog | None = None
     latency_model: Any = None  # nexus: fed every step's measured time (LatencyModel.update)
     split_switches: int = 0
-    # Two-loop policies: the prefill in flight (tokens, prefix) and the newest event after a
-    # prefill step that completed a prompt (the decode stream waits on it).
+    # Two-loop policies: the prefill in flight (tokens, prefix).
     prefill_load: tuple[int, int] = (0, 0)
-    handoff: Any = None
     _last_split: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -440,7 +437,10 @@ class LoopContext:
         """StepTimes.update with the step's GPU time (its events, around the launch) and the loop's cycle;
         the controller's cached predictions stay valid (nexus_tune/core/overhead.py says why)."""
         decode = rec.kind == "decode"
-        size, kv = (rec.decode_seqs, rec.decode_kv) if decode else (rec.prefill_tokens, rec.prefill_kv)
+        if decode:
+            size, kv = rec.decode_seqs, rec.decode_kv
+        else:
+            size, kv = rec.prefill_tokens, chunk_prefix(rec.prefill_tokens, rec.prefill_pairs)
         beside = (rec.beside_prefill, rec.beside_prefill_kv) if decode else (0, 0)
         try:
             rec.predicted_ms = self.latency_model.update(rec.kind, size, kv, rec.sms, rec.gpu_ms, *beside,
@@ -532,14 +532,14 @@ class Loop(threading.Thread):
         raise NotImplementedError
 
     def _launch(self, prefill: PrefillBatch | None, decode: DecodeBatch | None, sms: int, sched_ms: float,
-                wait: Any = None, beside: tuple[int, int] = (0, 0)) -> _Step:
+                beside: tuple[int, int] = (0, 0)) -> _Step:
         """Decode rows first, then prompt chunks; a decode-only step replays the decode graphs."""
         place = self.ctx.placement
         rows = (_decode_rows(decode, self.steps.on_device) if decode else []) + \
             (_prefill_rows(prefill) if prefill else [])
         phase = "decode" if prefill is None else "prefill"
         key = place.key(sms) if place.cuda else None
-        launched = self.steps.launch(rows, phase, place.stream(phase, sms), key, wait)
+        launched = self.steps.launch(rows, phase, place.stream(phase, sms), key)
         return _Step(self.role, prefill, decode, sms, sched_ms, beside, launched)
 
     def finish(self, step: _Step) -> None:
@@ -576,12 +576,8 @@ class PrefillLoop(Loop):
         return self.ctx.scheduler.schedule_prefill(now)
 
     def launch(self, batch: PrefillBatch, sched_ms: float) -> _Step:
-        ctx = self.ctx
-        ctx.prefill_load = (batch.num_tokens, batch.prefix_tokens)
-        step = self._launch(batch, None, self._sms(batch), sched_ms)
-        if any(batch.last):
-            ctx.handoff = step.launched.end  # set before these sequences can reach the decode loop
-        return step
+        self.ctx.prefill_load = (batch.num_tokens, batch.priced_prefix)
+        return self._launch(batch, None, self._sms(batch), sched_ms)
 
     def finish(self, step: _Step) -> None:
         try:
@@ -599,8 +595,7 @@ class DecodeLoop(Loop):
         return self.ctx.scheduler.schedule_decode(now)
 
     def launch(self, batch: DecodeBatch, sched_ms: float) -> _Step:
-        ctx = self.ctx
-        return self._launch(None, batch, self._sms(batch), sched_ms, wait=ctx.handoff, beside=ctx.prefill_load)
+        return self._launch(None, batch, self._sms(batch), sched_ms, beside=self.ctx.prefill_load)
 
 
 class MixedLoop(Loop):

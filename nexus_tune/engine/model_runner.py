@@ -129,7 +129,8 @@ class ModelRunner:
             self._follow("prefill", stream)
             if bucket is not None:
                 return self._prefill_replay(batch, key, bucket, prev_ids)
-            arrays = prefill_arrays(batch, self.block_size, self.max_model_len, self._scratch_slot, self._tile_tokens)
+            arrays = prefill_arrays(batch, self.block_size, self.max_model_len, self._scratch_slot, self._tile_tokens,
+                                    decode_rows_apart=True)
             ids, positions, meta, last = self._prefill_tensors(arrays, self._prefill_staging, prev_ids)
             return self._forward_last(ids, positions, meta, last)
 
@@ -181,11 +182,13 @@ class ModelRunner:
                          ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Device tensors of host arrays `a` (unpadded), the tokens from `prev_ids` filled in."""
         tiles = a.tiles if a.tiles is not None else np.zeros((0, 2), dtype=np.int32)
-        rows, cu, lens, last, tables, tiles, dst, src = staging.upload(
-            a.token_rows, a.cu_seqlens, a.seq_lens, a.last, a.tables, tiles, a.src_dst, a.src_idx)
+        rows, cu, lens, last, tables, tiles, dst, src, decode_rows = staging.upload(
+            a.token_rows, a.cu_seqlens, a.seq_lens, a.last, a.tables, tiles, a.src_dst, a.src_idx,
+            np.array([a.decode_rows], dtype=np.int32))
         _fill_from_device(rows[0], dst, src, prev_ids)
         meta = AttentionMetadata(is_prefill=True, slot_mapping=rows[2], block_tables=tables, seq_lens=lens,
-                                 cu_seqlens_q=cu, max_seq_len=a.max_seq_len, tiles=tiles)
+                                 cu_seqlens_q=cu, max_seq_len=a.max_seq_len, tiles=tiles,
+                                 decode_rows=decode_rows if a.decode_rows else None)
         return rows[0], rows[1], meta, last
 
     def _forward_last(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, last: torch.Tensor,
@@ -209,11 +212,15 @@ class ModelRunner:
                        decode_sides: dict[Hashable, tuple[torch.cuda.Stream, int | None]],
                        total_sms: int, prefill_tokens: int | None = None,
                        decode_buckets: Iterable[int] | None = None,
-                       prefill_sizes: Iterable[int] | None = None) -> list[GraphCaptureReport]:
+                       prefill_sizes: Iterable[int] | None = None,
+                       decode_rows_apart: bool = False) -> list[GraphCaptureReport]:
         """Prefill graphs per (side, token bucket up to `prefill_tokens`, default max_num_batched_tokens;
         or exactly `prefill_sizes`) and decode graphs per (side, batch bucket up to max_num_seqs); each
         side maps to (its stream, its SMs or None for the whole GPU), which sizes the prefill GEMMs and
-        the decode attention's splits (nexus_tune/engine/cuda_graphs.py says why not the decode GEMMs)."""
+        the decode attention's splits (nexus_tune/engine/cuda_graphs.py says why not the decode GEMMs).
+        `decode_rows_apart`: the prefill graphs attend a step's leading single-token rows (chunked's decode
+        rows) with the split-KV decode kernel; its launch then rides in every prefill graph, so only
+        the policy that mixes rows asks for it."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; on a CPU every step runs eagerly")
         reports = []
@@ -222,7 +229,7 @@ class ModelRunner:
                         self.backend)
         elif prefill_sides:
             sizes = sorted(prefill_sizes or prefill_buckets(prefill_tokens or self.max_num_batched_tokens))
-            self._prefill_static = _PrefillBuffers(self, sizes[-1])
+            self._prefill_static = _PrefillBuffers(self, sizes[-1], decode_rows_apart)
             self._graphs["prefill"] = GraphSet("prefill", self.device, total_sms, size_gemms=True)
             reports.append(self._graphs["prefill"].capture(self._prefill_static_forward, prefill_sides, sizes))
         if decode_sides:
@@ -243,7 +250,8 @@ class ModelRunner:
         seqs, tiles = s.shape_of(tokens)
         meta = AttentionMetadata(is_prefill=True, slot_mapping=s.token_rows[2, :tokens], block_tables=s.tables[:seqs],
                                  seq_lens=s.seq_lens[:seqs], cu_seqlens_q=s.cu[:seqs + 1],
-                                 max_seq_len=self.max_model_len, tiles=s.tiles[:tiles], num_sms=sms)
+                                 max_seq_len=self.max_model_len, tiles=s.tiles[:tiles], num_sms=sms,
+                                 decode_rows=s.decode_rows if s.decode_rows_apart else None)
         self._forward_last(s.token_rows[0, :tokens], s.token_rows[1, :tokens], meta, s.last[:seqs], s.logits[:seqs])
 
     def _prefill_replay(self, batch: PrefillInput, key: Hashable, bucket: int,
@@ -251,7 +259,8 @@ class ModelRunner:
         s = self._prefill_static
         seqs, tiles = s.shape_of(bucket)
         a = prefill_arrays(batch, self.block_size, self.max_model_len, self._scratch_slot, self._tile_tokens,
-                           tokens=bucket, seqs=seqs, tile_capacity=tiles if self._tile_tokens else None)
+                           tokens=bucket, seqs=seqs, tile_capacity=tiles if self._tile_tokens else None,
+                           decode_rows_apart=s.decode_rows_apart)
         s.load(a, self._prefill_staging, prev_ids)
         self._graphs["prefill"].replay(key, bucket)
         return s.logits[: a.num_seqs]
@@ -363,9 +372,10 @@ class ModelRunner:
 class _PrefillBuffers:
     """The static inputs and logits every prefill graph reads and writes (views of them per bucket)."""
 
-    def __init__(self, runner: ModelRunner, tokens: int):
+    def __init__(self, runner: ModelRunner, tokens: int, decode_rows_apart: bool):
         dev = runner.device
         self.max_seqs, self.tile_tokens = runner.max_num_seqs, runner._tile_tokens
+        self.decode_rows_apart = decode_rows_apart
         seqs, tiles = self.shape_of(tokens)
         self.token_rows = torch.zeros(3, tokens, dtype=torch.int64, device=dev)
         self.token_rows[2] = runner._scratch_slot  # the capture's warm-up run writes nowhere else
@@ -374,6 +384,7 @@ class _PrefillBuffers:
         self.last = torch.zeros(seqs, dtype=torch.int64, device=dev)
         self.tables = torch.zeros(seqs, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.tiles = torch.full((tiles, 2), -1, dtype=torch.int32, device=dev)
+        self.decode_rows = torch.zeros(1, dtype=torch.int32, device=dev)
         self.logits = torch.empty(seqs, runner.config.vocab_size, dtype=runner.dtype, device=dev)
 
     def shape_of(self, tokens: int) -> tuple[int, int]:
@@ -386,8 +397,9 @@ class _PrefillBuffers:
     def load(self, a: PrefillArrays, staging: Staging, prev_ids: torch.Tensor | None) -> None:
         """Copy padded host arrays into the buffers (on the current stream)."""
         tiles = a.tiles if a.tiles is not None else np.zeros((0, 2), dtype=np.int32)
-        rows, cu, lens, last, tables, tiles, dst, src = staging.upload(
-            a.token_rows, a.cu_seqlens, a.seq_lens, a.last, a.tables, tiles, a.src_dst, a.src_idx)
+        rows, cu, lens, last, tables, tiles, dst, src, decode_rows = staging.upload(
+            a.token_rows, a.cu_seqlens, a.seq_lens, a.last, a.tables, tiles, a.src_dst, a.src_idx,
+            np.array([a.decode_rows], dtype=np.int32))
         tokens, seqs = rows.shape[1], lens.shape[0]
         self.token_rows[:, :tokens].copy_(rows)
         self.cu[: seqs + 1].copy_(cu)
@@ -395,6 +407,7 @@ class _PrefillBuffers:
         self.last[:seqs].copy_(last)
         self.tables[: tables.shape[0], : tables.shape[1]].copy_(tables)
         self.tiles[: tiles.shape[0]].copy_(tiles)
+        self.decode_rows.copy_(decode_rows)
         _fill_from_device(self.token_rows[0], dst, src, prev_ids)
 
 

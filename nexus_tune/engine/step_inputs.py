@@ -116,13 +116,16 @@ class PrefillArrays:
     src_idx: np.ndarray  # [S] int64: where in the previous step's ids
     num_seqs: int
     max_seq_len: int
+    decode_rows: int = 0  # leading single-token sequences left out of the tile map (decode_rows_apart)
 
 
 def prefill_arrays(batch: PrefillInput, block_size: int, max_model_len: int, scratch_slot: int,
                    tile_tokens: int | None, tokens: int | None = None, seqs: int | None = None,
-                   tile_capacity: int | None = None) -> PrefillArrays:
+                   tile_capacity: int | None = None, decode_rows_apart: bool = False) -> PrefillArrays:
     """The packed inputs of `batch`; with `tokens`/`seqs`/`tile_capacity`, padded to a graph's shapes.
-    `tile_tokens`: the Triton kernel's query tokens per program (its tile map), None for the reference backend."""
+    `tile_tokens`: the Triton kernel's query tokens per program (its tile map), None for the reference backend.
+    `decode_rows_apart` (Triton): the leading single-token sequences (a mixed step's decode rows come
+    first) stay out of the tile map; the split-KV decode kernel attends them (AttentionMetadata.decode_rows)."""
     q_lens = np.array([len(t) for t in batch.token_ids], dtype=np.int64)
     if q_lens.size == 0 or q_lens.min() < 1:
         raise ValueError("a prefill batch needs at least one sequence and one token per sequence")
@@ -150,13 +153,16 @@ def prefill_arrays(batch: PrefillInput, block_size: int, max_model_len: int, scr
     last[:n] = cu[1: n + 1] - 1
     src = np.asarray(batch.src if batch.src is not None else [], dtype=np.int64)
     on_device = np.flatnonzero(src >= 0)
-    tiles = None
+    tiles, decode_rows = None, 0
     if tile_tokens is not None:
         from nexus_tune.engine.kernels.prefill_attention import tile_map  # triton: only the Triton backend gets here
 
-        tiles = tile_map(q_lens, prefix, tile_tokens, tile_capacity)
+        if decode_rows_apart:
+            single = q_lens == 1
+            decode_rows = n if single.all() else int(np.argmin(single))
+        tiles = tile_map(np.where(np.arange(n) < decode_rows, 0, q_lens), prefix, tile_tokens, tile_capacity)
     return PrefillArrays(rows, cu, lens, last, tables, tiles, cu[on_device].astype(np.int64), src[on_device],
-                         n, int(seq_lens.max()))
+                         n, int(seq_lens.max()), decode_rows)
 
 
 class DecodeRows:

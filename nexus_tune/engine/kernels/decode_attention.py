@@ -5,7 +5,10 @@ KV head together (GQA grouping, so K/V are read once per KV head), attends to it
 sequence's KV and writes the normalised partial output and its log-sum-exp. Kernel 2 merges the
 splits. The grid depends only on shapes (batch, heads, the block table's width), never on
 sequence lengths, so the launch can be captured in a CUDA graph; each program finds its own
-KV range from `seq_lens` on the device. A sequence of length 0 produces zeros.
+KV range from `seq_lens` on the device. A sequence of length 0 produces zeros. With `num_rows` (a
+count on the device) only the first rows are attended and the rest of `out` is left as it is: the
+decode rows of a chunked mixed step, which lead its packed batch, run here while the prefill kernel
+takes the prompt chunks behind them (nexus_tune/engine/attention.py).
 
 The grid's split count is an upper bound. How many splits a sequence really uses is decided on
 the device from the lengths: every split holds about the same number of KV tokens (the batch's
@@ -51,13 +54,16 @@ def num_kv_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int) -> i
 
 
 @triton.jit
-def _split_len(seq_lens, b, batch, num_splits, programs_per_head,
-               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(sequence b's length, its split length in whole tiles): the batch's KV tokens over
-    `programs_per_head`, or longer where the sequence would need more than `num_splits` splits.
-    Both kernels compute it, so they agree on each sequence's splits."""
+def _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head,
+               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
+    """(sequence b's length, its split length in whole tiles): the batch's KV tokens (its first
+    `num_rows` rows' with HAS_NUM_ROWS) over `programs_per_head`, or longer where the sequence would
+    need more than `num_splits` splits. Both kernels compute it, so they agree on each sequence's splits."""
     offs = tl.arange(0, BLOCK_B)
-    total = tl.sum(tl.load(seq_lens + offs, mask=offs < batch, other=0), 0)
+    live = offs < batch
+    if HAS_NUM_ROWS:
+        live = live & (offs < tl.load(num_rows))
+    total = tl.sum(tl.load(seq_lens + offs, mask=live, other=0), 0)
     seq_len = tl.load(seq_lens + b)
     share = tl.maximum(tl.cdiv(total, programs_per_head), tl.cdiv(seq_len, num_splits))
     return seq_len, tl.cdiv(tl.maximum(share, 1), BLOCK_N) * BLOCK_N
@@ -66,15 +72,19 @@ def _split_len(seq_lens, b, batch, num_splits, programs_per_head,
 @triton.jit
 def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, qk_scale,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
-                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits, batch, programs_per_head,
-                  GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits, batch, num_rows,
+                  programs_per_head, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_B: tl.constexpr):
+                  BLOCK_B: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if HAS_NUM_ROWS:  # only the first rows, a count on the device
+        if b >= tl.load(num_rows):
+            return
     # Split length in whole tiles: only a split's last tile can be partial.
-    seq_len, split_len = _split_len(seq_lens, b, batch, num_splits, programs_per_head, BLOCK_B, BLOCK_N)
+    seq_len, split_len = _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head, BLOCK_B, BLOCK_N,
+                                   HAS_NUM_ROWS)
     if (split > 0) & (split * split_len >= seq_len):
         return  # past the sequence's last split (split 0 always writes: an empty sequence's zeros)
     lo = tl.minimum(split * split_len, seq_len)
@@ -110,11 +120,16 @@ def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_p
 
 @triton.jit
 def _reduce_kernel(o_part, lse_part, out_ptr, seq_lens, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                   stride_outb, stride_outh, num_splits, batch, programs_per_head,
-                   HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+                   stride_outb, stride_outh, num_splits, batch, num_rows, programs_per_head,
+                   HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_NUM_ROWS: tl.constexpr):
     b = tl.program_id(0)
     head = tl.program_id(1)
-    seq_len, split_len = _split_len(seq_lens, b, batch, num_splits, programs_per_head, BLOCK_B, BLOCK_N)
+    if HAS_NUM_ROWS:  # only the first rows, a count on the device
+        if b >= tl.load(num_rows):
+            return
+    seq_len, split_len = _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head, BLOCK_B, BLOCK_N,
+                                   HAS_NUM_ROWS)
     used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
     offs_s = tl.arange(0, SPLITS_P2)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -130,14 +145,17 @@ def _reduce_kernel(o_part, lse_part, out_ptr, seq_lens, stride_ob, stride_oh, st
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      *, num_splits: int | None = None, num_sms: int | None = None,
+                     num_rows: torch.Tensor | None = None, out: torch.Tensor | None = None,
                      config: DecodeConfig = DEFAULT_DECODE) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV.
 
     q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (KV length including the current token) -> out [B, Hq, D] in q's dtype.
     `num_sms`: the SMs the launch runs on (a green-context partition; default the whole device),
-    which sizes the KV splits. `num_splits` overrides the shape-based bound, `config` the tiles and
-    the programs per SM (benchmarks, tests).
+    which sizes the KV splits. `num_rows` ([1] int32 on the device): attend rows [0, num_rows) only,
+    leaving the rest of `out` unwritten (graph-safe: the count may change between replays). `out`:
+    write there ([B, Hq, D], q's dtype) instead of a new tensor. `num_splits` overrides the
+    shape-based bound, `config` the tiles and the programs per SM (benchmarks, tests).
     """
     sms = num_sms or device_sms(q.device)
     check_attention_inputs(q, k_cache, v_cache)
@@ -153,23 +171,29 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = q_heads // kv_heads
     o_part = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
-    out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_rows is not None and (num_rows.shape != (1,) or num_rows.dtype != torch.int32):
+        raise ValueError(f"num_rows must be a [1] int32 tensor, got {tuple(num_rows.shape)} {num_rows.dtype}")
+    if out is None:
+        out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} must match q {tuple(q.shape)} {q.dtype}")
     if batch == 0:
         return out
     # Working programs per KV head: the batch's KV tokens are shared out among this many splits.
     programs_per_head = max(1, config.programs_per_sm * sms // kv_heads)
     block_b = triton.next_power_of_2(batch)
+    rows = seq_lens if num_rows is None else num_rows  # without a count: a pointer never read
     _split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1), num_splits, batch, programs_per_head,
+        lse_part.stride(0), lse_part.stride(1), num_splits, batch, rows, programs_per_head,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=config.block_n, PAGE=page, DOT_PRECISION=dot_precision(q.dtype), BLOCK_B=block_b,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        HAS_NUM_ROWS=num_rows is not None, num_warps=config.num_warps, num_stages=config.num_stages)
     _reduce_kernel[(batch, q_heads)](
         o_part, lse_part, out, seq_lens, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits, batch, programs_per_head,
-        HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_B=block_b, BLOCK_N=config.block_n,
-        num_warps=4)
+        lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits, batch, rows,
+        programs_per_head, HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_B=block_b, BLOCK_N=config.block_n,
+        HAS_NUM_ROWS=num_rows is not None, num_warps=4)
     return out
