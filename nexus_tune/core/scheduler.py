@@ -47,6 +47,7 @@ Time is passed in (`now`, seconds); nothing here reads a clock. One lock guards 
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import threading
@@ -94,12 +95,12 @@ class PrefillBatch:
     def prefix_tokens(self) -> int:
         return sum(self.prefix_lens)
 
-    @property
+    @functools.cached_property  # a batch's chunks never change once formed; read on every decode step
     def attention_pairs(self) -> int:
         """Causal (query, key) pairs the chunks attend: sum of n * (prefix + (n + 1) / 2)."""
         return sum(n * p + n * (n + 1) // 2 for n, p in zip(self.chunk_lens, self.prefix_lens))
 
-    @property
+    @functools.cached_property
     def priced_prefix(self) -> int:
         """The prefix the latency model prices this batch at: its pairs as one chunk (chunk_prefix)."""
         return chunk_prefix(self.num_tokens, self.attention_pairs)

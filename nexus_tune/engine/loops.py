@@ -51,7 +51,7 @@ import torch
 from nexus_tune.engine import sampling
 from nexus_tune.engine.model_runner import ModelRunner, on_stream
 from nexus_tune.engine.step_inputs import DecodeInput, PrefillInput
-from nexus_tune.core.latency_model import chunk_prefix
+from nexus_tune.core.overhead import record_prefix
 from nexus_tune.core.partition import GREEN_CONTEXTS, SplitTable
 from nexus_tune.core.scheduler import DecodeBatch, MixedBatch, PrefillBatch, Scheduler
 from nexus_tune.core.sequence import Sequence
@@ -437,10 +437,7 @@ class LoopContext:
         """StepTimes.update with the step's GPU time (its events, around the launch) and the loop's cycle;
         the controller's cached predictions stay valid (nexus_tune/core/overhead.py says why)."""
         decode = rec.kind == "decode"
-        if decode:
-            size, kv = rec.decode_seqs, rec.decode_kv
-        else:
-            size, kv = rec.prefill_tokens, chunk_prefix(rec.prefill_tokens, rec.prefill_pairs)
+        size, kv = (rec.decode_seqs, rec.decode_kv) if decode else (rec.prefill_tokens, record_prefix(vars(rec)))
         beside = (rec.beside_prefill, rec.beside_prefill_kv) if decode else (0, 0)
         try:
             rec.predicted_ms = self.latency_model.update(rec.kind, size, kv, rec.sms, rec.gpu_ms, *beside,

@@ -169,14 +169,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     group = q_heads // kv_heads
-    o_part = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
     if num_rows is not None and (num_rows.shape != (1,) or num_rows.dtype != torch.int32):
         raise ValueError(f"num_rows must be a [1] int32 tensor, got {tuple(num_rows.shape)} {num_rows.dtype}")
     if out is None:
         out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} must match q {tuple(q.shape)} {q.dtype}")
+    o_part = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
     if batch == 0:
         return out
     # Working programs per KV head: the batch's KV tokens are shared out among this many splits.
@@ -194,6 +194,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _reduce_kernel[(batch, q_heads)](
         o_part, lse_part, out, seq_lens, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits, batch, rows,
-        programs_per_head, HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_B=block_b, BLOCK_N=config.block_n,
-        HAS_NUM_ROWS=num_rows is not None, num_warps=4)
+        programs_per_head, HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_B=block_b,
+        BLOCK_N=config.block_n, HAS_NUM_ROWS=num_rows is not None, num_warps=4)
     return out
