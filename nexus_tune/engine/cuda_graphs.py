@@ -15,6 +15,12 @@ loops launching eagerly from two threads would race on it. A graph keeps the ker
 it was captured, and capture happens once, at start-up, in one thread: `gemms_sized_for` sets the
 target around each capture and restores the defaults after. Decode GEMMs (a few rows, bound by
 the weights' bytes) stay unsized: on the H200's 92-SM side the sized ones ran 7-35% slower.
+
+Why a decode batch may replay a larger bucket's graph: cuBLAS picks its kernels by shape, and on a
+small side a few rows can run slower than many (qwen2.5-3b's layers on 20 H200 SMs: 10.9 ms at 16
+rows, 8.8 ms at 64; docs/performance.md). Decode graphs are timed once captured, and a batch replays
+the fastest graph that holds it when that is at least FASTER_BY quicker than its own bucket's (padded
+rows attend one scratch token: they cost dense work only).
 """
 from __future__ import annotations
 
@@ -28,6 +34,23 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+
+FASTER_BY = 0.05  # a larger bucket's graph replaces a batch's own only when this much quicker (noise margin)
+TIMED_REPLAYS = 3
+
+
+def fastest_buckets(ms: dict[int, float], faster_by: float = FASTER_BY) -> dict[int, int]:
+    """bucket -> the bucket to replay instead: the smallest of those at least as large that comes within
+    `faster_by` of the quickest of them, when it beats the bucket's own time by `faster_by`; buckets
+    that keep their own graph are left out."""
+    out = {}
+    for b in ms:
+        larger = sorted(c for c in ms if c >= b)
+        quickest = min(ms[c] for c in larger)
+        pick = next(c for c in larger if ms[c] <= (1 + faster_by) * quickest)
+        if ms[pick] < (1 - faster_by) * ms[b]:
+            out[b] = pick
+    return out
 
 
 @contextlib.contextmanager
@@ -71,25 +94,32 @@ class GraphCaptureReport:
     num_graphs: int
     seconds: float
     memory_bytes: int  # device memory the graphs and their pool took
+    replaced: int = 0  # (side, bucket) pairs that replay a larger bucket's graph
 
     def __str__(self) -> str:
         return (f"captured {self.num_graphs} {self.kind} CUDA graphs ({len(self.keys)} split sides x buckets "
-                f"{self.buckets}) in {self.seconds:.1f} s using {self.memory_bytes / 2**20:.0f} MiB")
+                f"{self.buckets}) in {self.seconds:.1f} s using {self.memory_bytes / 2**20:.0f} MiB"
+                + (f"; {self.replaced} replay a larger, quicker bucket" if self.replaced else ""))
 
 
 class GraphSet:
     """Graphs of one step function `step(bucket, sms)` by (side key, bucket), sharing one memory pool;
-    with `size_gemms`, their GEMMs sized for the side's SMs.
+    with `size_gemms`, their GEMMs sized for the side's SMs; with `replay_fastest`, a size replays the
+    quickest graph that holds it (timed at capture), not always the smallest.
 
     Graphs of one set must never run at the same time (they share the pool's memory): the prefill
     and the decode set are separate sets, each replayed by one loop at a time.
     """
 
-    def __init__(self, kind: str, device: torch.device, total_sms: int, size_gemms: bool):
+    def __init__(self, kind: str, device: torch.device, total_sms: int, size_gemms: bool,
+                 replay_fastest: bool = False):
         self.kind, self.device, self.total_sms, self.size_gemms = kind, device, total_sms, size_gemms
+        self.replay_fastest = replay_fastest
         self._graphs: dict[tuple[Hashable, int], torch.cuda.CUDAGraph] = {}
         self._streams: dict[Hashable, torch.cuda.Stream] = {}
         self._buckets: dict[Hashable, list[int]] = {}
+        self.replay_ms: dict[Hashable, dict[int, float]] = {}  # with replay_fastest: side -> bucket -> ms
+        self.replaced: dict[Hashable, dict[int, int]] = {}  # side -> bucket -> the bucket replayed instead
         self._pool = torch.cuda.graph_pool_handle()
 
     def capture(self, step: Callable[[int, int | None], object], sides: dict[Hashable, tuple[Any, int | None]],
@@ -105,9 +135,15 @@ class GraphSet:
                     self._graphs[key, size] = capture(lambda size=size: step(size, sms), stream, self._pool,
                                                       sms if self.size_gemms else None, self.total_sms)
                 self._streams[key], self._buckets[key] = stream, sizes
+                if self.replay_fastest:
+                    self.replay_ms[key] = {size: self._time(key, size) for size in sizes}
+                    self.replaced[key] = fastest_buckets(self.replay_ms[key])
+                    if self.replaced[key]:
+                        log.info("%s graphs on side %r replay larger buckets: %s", self.kind, key, self.replaced[key])
         torch.cuda.synchronize(self.device)
         report = GraphCaptureReport(self.kind, list(sides), sizes, len(sides) * len(sizes), time.perf_counter() - t0,
-                                    free_before - torch.cuda.mem_get_info(self.device)[0])
+                                    free_before - torch.cuda.mem_get_info(self.device)[0],
+                                    sum(map(len, self.replaced.values())))
         log.info("%s", report)
         return report
 
@@ -120,8 +156,25 @@ class GraphSet:
         return self._streams[key]
 
     def bucket(self, key: Hashable, size: int) -> int | None:
-        """The smallest bucket of `key` holding `size`, None if none does."""
-        return next((b for b in self._buckets.get(key, ()) if b >= size), None)
+        """The bucket of `key` to replay for `size`: the smallest holding it, or the quicker one that
+        replaces it; None if none holds it."""
+        own = next((b for b in self._buckets.get(key, ()) if b >= size), None)
+        return self.replaced.get(key, {}).get(own, own)
 
     def replay(self, key: Hashable, bucket: int) -> None:
         self._graphs[key, bucket].replay()
+
+    def _time(self, key: Hashable, bucket: int) -> float:
+        """Median ms of a few replays on the side's stream (after one untimed)."""
+        stream = self._streams[key]
+        with torch.cuda.stream(stream):
+            self.replay(key, bucket)
+            times = []
+            for _ in range(TIMED_REPLAYS):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                self.replay(key, bucket)
+                end.record(stream)
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]

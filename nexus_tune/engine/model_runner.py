@@ -4,7 +4,8 @@
 `decode(batch, key, stream)` runs one token per sequence. Both return logits for the last token of
 each sequence, produced on the step's stream. With `key` (a split side the graphs were captured
 for) a step replays the graph of the smallest bucket that holds it (prefill: tokens, decode:
-sequences), else it runs eagerly. `sample(logits, params, steps, stream)` draws the next tokens.
+sequences; a decode batch a larger bucket's when that graph ran quicker at capture), else it runs
+eagerly. `sample(logits, params, steps, stream)` draws the next tokens.
 
 Inputs are built on the host with numpy and reach the device in one pinned non-blocking copy
 (nexus_tune/engine/step_inputs.py), so a step never waits for the GPU; a token still on the device (sampled
@@ -238,11 +239,17 @@ class ModelRunner:
             sizes = sorted({b for b in decode_buckets if 1 <= b <= self.max_num_seqs})
             if not sizes:
                 raise ValueError(f"no batch bucket in 1..max_num_seqs ({self.max_num_seqs})")
-            self._graphs["decode"] = GraphSet("decode", self.device, total_sms, size_gemms=False)
+            self._graphs["decode"] = GraphSet("decode", self.device, total_sms, size_gemms=False, replay_fastest=True)
             reports.append(self._graphs["decode"].capture(
                 lambda rows, sms: self._decode_forward(self._decode_rows, rows, sms, self.max_model_len,
                                                        self._decode_logits), decode_sides, sizes))
         return reports
+
+    def graph_set(self, kind: str) -> GraphSet:
+        """The captured graphs of `kind` ("prefill" or "decode"), for inspection."""
+        if kind not in self._graphs:
+            raise KeyError(f"no {kind} graphs were captured")
+        return self._graphs[kind]
 
     def _prefill_static_forward(self, tokens: int, sms: int | None) -> None:
         """The prefill step every prefill graph of `tokens` captures: static buffers in, static logits out."""
