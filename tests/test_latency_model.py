@@ -193,6 +193,33 @@ def test_models_saved_before_waves_load_and_predict_as_then(truth):
         assert model.predict(*point) == truth.predict(*point)
 
 
+def test_models_saved_before_mem_low_load_and_predict_as_then(truth):
+    old = truth.to_dict()
+    for classes in old["classes"].values():
+        for op in classes.values():
+            del op["mem_low"]
+    model = LatencyModel.from_dict(json.loads(json.dumps(old)))
+    assert all(op.mem_low == 1.0 for classes in model.classes_.values() for op in classes.values())
+    for point in [("prefill", 512, 8192, 72), ("decode", 8, 8192, 20), ("decode", 64, 131072, TOTAL)]:
+        assert model.predict(*point) == truth.predict(*point)
+
+
+def test_memory_bound_decode_slower_than_one_over_sms_on_few_sms_is_fitted():
+    """A GPU whose decode layers read weights slower per SM on few SMs (share ~ r^1.5 below the knee):
+    the fit finds the exponent and predicts the smallest decode side, where 1/r would be 21-27% short."""
+    truth = synthetic_latency_model(TOTAL, 8)
+    dense = truth.classes_["decode"]["dense"]
+    truth.classes_["decode"]["dense"] = replace(dense, mem_low=1.5)
+    profile = synthetic_profile(TOTAL, 8, noise=0.0, quick=False)
+    samples = [replace(s, ms=truth.sample_ms(s)) for s in profile.samples]
+    fitted = LatencyModel(TOTAL, profile.split_sms).fit(samples)
+    assert fitted.classes_["decode"]["dense"].mem_low > 1.2
+    smallest = min(fitted.sm_choices("decode"))
+    for batch, kv in [(1, 2048), (16, 32768)]:
+        assert fitted.predict("decode", batch, kv, smallest) == pytest.approx(
+            truth.predict("decode", batch, kv, smallest), rel=0.05)
+
+
 def test_waves_quantize_the_prefix_share_of_prefill_attention():
     """32 heads, two programs resident per SM: 16 programs per 64-token tile per SM. A 512-token chunk
     (256 programs) takes two waves on 72 to 112 SMs and one on 132; over no prefix it does not quantize."""
@@ -246,3 +273,6 @@ def test_share_curve_has_two_regimes():
     assert np.all(gains > 0) and np.all(np.diff(gains) < 0)  # diminishing returns
     assert s[-1] < 0.3 + 1 / 4.0
     assert share(0.5, 0.3, 4.0) == pytest.approx(float(share(np.array(0.5), 0.3, 4.0, np)))
+    steeper = share(r, 0.3, 4.0, np, low=1.5)
+    assert np.allclose(steeper[r >= 0.3], s[r >= 0.3])  # the same above the knee
+    assert np.all(steeper[r < 0.3] < s[r < 0.3])  # below it, a smaller share: slower than 1/r

@@ -6,7 +6,7 @@ sides of the roofline knee), plus a fixed GPU time that SMs do not shorten (t0: 
 latency):
 
     compute = sum_i a_i * phi_i(size, kv) * waves / share(r; r_sat, decay)
-    memory  = sum_j b_j * psi_j(size, kv) / share(r; mem_r_sat, mem_decay) * stretch
+    memory  = sum_j b_j * psi_j(size, kv) / share(r; mem_r_sat, mem_decay, mem_low) * stretch
     gpu     = t0 + smoothmax(compute, memory) (* whole on the whole GPU)
     step    = smoothmax(launch, gpu)
 
@@ -16,7 +16,9 @@ the two overlap (a max), not add up. Decode runs as a CUDA graph: its launch is 
 
 `share` is the two-regime saturation-decay curve: below r_sat it is r itself (time ~ c/(r*C));
 above, each extra SM is worth exp(-decay * (r - r_sat)) of one below it, so the curve
-approaches r_sat + 1/decay. The whole GPU (sms == total_sms, no partition) gets its own factor
+approaches r_sat + 1/decay. Memory time may fall off faster than 1/r below its knee:
+share = r_sat * (r / r_sat)^low there, low >= 1 (H200, qwen2.5-3b: the decode layers read their
+weights at 44 GB/s per SM on 28 and 36 SMs but 35 on 20, where 1/r under-predicted them by 15%). The whole GPU (sms == total_sms, no partition) gets its own factor
 `whole`: cuBLAS picks kernels for the whole chip and a partition loses more than its SM share.
 
 `waves` (prefill attention, when the model's query heads are known; else 1): the kernel runs one
@@ -72,6 +74,7 @@ _STARTS = ((0.5, 1.0, 0.3, 5.0), (0.2, 2.0, 0.15, 8.0), (0.9, 0.1, 0.5, 2.0))
 _SCOUT_NFEV, _POLISH_NFEV = 150, 600
 _R_BOUNDS = (0.02, 1.0)
 _DECAY_BOUNDS = (1e-3, 60.0)
+_MEM_LOW_BOUNDS = (1.0, 3.0)
 _LOG_COEF_BOUNDS = (-25.0, 12.0)
 _LOG_WHOLE_BOUNDS = (math.log(0.5), math.log(2.0))
 _CONTENTION_TERMS = ("base", "weights", "activations", "attention")
@@ -197,10 +200,14 @@ class _Scalar:
     maximum = staticmethod(max)
 
 
-def share(r: Any, r_sat: float, decay: float, xp: Any = _Scalar) -> Any:
-    """Effective SM share: r below r_sat, diminishing returns with rate `decay` above."""
+def share(r: Any, r_sat: float, decay: float, xp: Any = _Scalar, low: float = 1.0) -> Any:
+    """Effective SM share: r_sat * (r / r_sat)^low below r_sat (r itself at low = 1), diminishing
+    returns with rate `decay` above."""
     over = xp.maximum(r - r_sat, 0.0)
-    return xp.minimum(r, r_sat) + (1.0 - xp.exp(-decay * over)) / decay
+    below = xp.minimum(r, r_sat)
+    if low != 1.0:
+        below = r_sat * (below / r_sat) ** low
+    return below + (1.0 - xp.exp(-decay * over)) / decay
 
 
 def _smooth_max(a: Any, b: Any) -> Any:
@@ -231,6 +238,7 @@ class OpClass:
     launch_ms: float  # CPU time to launch the class's kernels (overlaps the GPU time)
     whole: float  # factor on the whole GPU stream against the partition curve
     wave_programs: float = 0.0  # programs per WAVE_TILE tokens per SM's slots (WAVE_CLASSES); 0: no waves
+    mem_low: float = 1.0  # memory share's exponent below mem_r_sat (1: time ~ 1/r there)
 
     def waves(self, size: Any, kv: Any, sms: Any, xp: Any = _Scalar) -> Any:
         """Compute time in whole waves of programs over the time of the same work spread evenly.
@@ -245,7 +253,7 @@ class OpClass:
                waves: Any = 1.0) -> Any:
         phi, psi = feats  # map(mul): the controller calls this on every step, a generator costs 2x
         comp = sum(map(operator.mul, self.compute, phi)) * waves / share(r, self.r_sat, self.decay, xp)
-        mem = sum(map(operator.mul, self.memory, psi)) / share(r, self.mem_r_sat, self.mem_decay, xp)
+        mem = sum(map(operator.mul, self.memory, psi)) / share(r, self.mem_r_sat, self.mem_decay, xp, self.mem_low)
         return self.t0_ms + _smooth_max(comp, mem * stretch) * (1.0 + (self.whole - 1.0) * whole)
 
 
@@ -269,7 +277,7 @@ class _Layout:
             p = classes[c]
             x += [math.log(v) for v in p.compute] + [p.r_sat, p.decay]
             x += [math.log(v) for v in p.memory] + [p.mem_r_sat, p.mem_decay, p.t0_ms, p.launch_ms,
-                                                    math.log(p.whole)]
+                                                    math.log(p.whole), p.mem_low]
         return np.array(x + [overhead])
 
     def unpack(self, x: Sequence[float]) -> tuple[dict[str, OpClass], float]:
@@ -282,8 +290,9 @@ class _Layout:
             mem = [math.exp(v) for v in x[i + 2 : i + 2 + nm]]
             i += 2 + nm
             classes[c] = OpClass(comp, float(r_sat), float(decay), mem, float(x[i]), float(x[i + 1]),
-                                 float(x[i + 2]), float(x[i + 3]), math.exp(x[i + 4]), self.wave_programs.get(c, 0.0))
-            i += 5
+                                 float(x[i + 2]), float(x[i + 3]), math.exp(x[i + 4]), self.wave_programs.get(c, 0.0),
+                                 float(x[i + 5]))
+            i += 6
         return classes, float(x[i])
 
     def bounds(self) -> tuple[list[float], list[float]]:
@@ -293,8 +302,8 @@ class _Layout:
             for n in (self.n_comp[c], self.n_mem[c]):
                 lo += [_LOG_COEF_BOUNDS[0]] * n + [_R_BOUNDS[0], _DECAY_BOUNDS[0]]
                 hi += [_LOG_COEF_BOUNDS[1]] * n + [_R_BOUNDS[1], _DECAY_BOUNDS[1]]
-            lo += [0.0, 0.0, _LOG_WHOLE_BOUNDS[0]]
-            hi += [np.inf, np.inf, _LOG_WHOLE_BOUNDS[1]]
+            lo += [0.0, 0.0, _LOG_WHOLE_BOUNDS[0], _MEM_LOW_BOUNDS[0]]
+            hi += [np.inf, np.inf, _LOG_WHOLE_BOUNDS[1], _MEM_LOW_BOUNDS[1]]
         return lo + [0.0], hi + [np.inf]
 
 
