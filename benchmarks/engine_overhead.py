@@ -35,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.model_roofline import ceilings, decode_floor_ms, step_roofline_ms, time_ms
+from benchmarks.model_roofline import ceilings, decode_floor_ms, step_roofline_ms, step_serial_floor_ms, time_ms
 from nexus_tune.engine.llm import LLM
 from nexus_tune.engine.loops import StepRecord
 from nexus_tune.engine.step_inputs import DecodeInput
@@ -152,6 +152,8 @@ def mixed_run(llm: LLM, ceil: dict[str, float], arrivals: int = 6) -> dict[str, 
                      "rows": median([s.prefill_tokens + s.decode_seqs for _, s in picked]),
                      "span_ms": median([s.gpu_ms for _, s in picked]),
                      "span_vs_roofline": median([s.gpu_ms / step_roofline_ms(config, s, rate, bw) for _, s in picked]),
+                     "span_vs_serial_floor": median([s.gpu_ms / step_serial_floor_ms(config, s, rate, bw)
+                                                     for _, s in picked]),
                      "gap_to_next_ms": median(fixed)}
     return out
 
@@ -213,7 +215,8 @@ def main() -> int:
         m = res["mixed"][kind]
         if m["steps"]:
             table.add_row(f"{kind} steps of chunked ({m['steps']}, median {ms(m['rows'], 0)} rows)",
-                          f"span {ms(m['span_ms'])} ms = {ms(m['span_vs_roofline'])}x roofline; gap to the next "
+                          f"span {ms(m['span_ms'])} ms = {ms(m['span_vs_roofline'])}x roofline, "
+                          f"{ms(m['span_vs_serial_floor'])}x the serial floor; gap to the next "
                           f"step {ms(m['gap_to_next_ms'])} ms", target)
     t = res["two_loops"]
     table.add_row(f"two loops, {t['policy']} ({t['backend']})",

@@ -104,24 +104,41 @@ def ceilings() -> dict[str, float]:
     return {"copy_gbps": copy_gbps(), "matmul_tflops": 2 * 8192**3 / mm_ms / 1e9}
 
 
-def step_roofline_ms(c: ModelConfig, s: StepRecord, matmul_tflops: float, copy_gbps: float) -> float:
-    """The least time one forward over this step's rows can take here: its FLOPs at the measured bf16
-    matmul rate or its bytes at the measured copy bandwidth, whichever is longer.
+def step_work(c: ModelConfig, s: StepRecord) -> dict[str, float]:
+    """One forward over this step's rows: FLOPs and bytes of its dense kernels and of its attention.
 
-    FLOPs: 2 x layer parameters per row; the LM head for the sampled rows (each decode row, at most one
-    per prompt chunk); attention 4 x layers x q_size per (query, key) pair: each chunk's tokens over its
-    prefix and causally over themselves (the step's chunks taken as equal), each decode row over its KV.
-    Bytes: the weights once, the KV read and written (bf16)."""
+    Dense FLOPs: 2 x layer parameters per row, the LM head for the sampled rows (each decode row, at most
+    one per prompt chunk); dense bytes: the weights once. Attention FLOPs: 4 x layers x q_size per (query,
+    key) pair: each chunk's tokens over its prefix and causally over themselves (the step's chunks taken
+    as equal), each decode row over its KV; attention bytes: the KV read and written (bf16)."""
     layer_params = c.num_params(include_embeddings=False) - c.hidden_size
     head = c.vocab_size * c.hidden_size
     chunks = max(s.num_seqs - s.decode_seqs, 1) if s.prefill_tokens else 0
     pairs = (s.prefill_tokens * (s.prefill_kv + s.prefill_tokens / 2) / chunks if chunks else 0.0) + s.decode_kv
-    flops = (2 * layer_params * (s.prefill_tokens + s.decode_seqs) + 2 * head * (s.decode_seqs + chunks)
-             + 4 * c.num_hidden_layers * c.q_size * pairs)
     kv_token_bytes = 2 * c.num_hidden_layers * c.kv_size * 2
-    nbytes = 2 * (layer_params + head) + kv_token_bytes * (
-        s.prefill_kv + s.prefill_tokens + s.decode_kv + s.decode_seqs)
-    return max(flops / (matmul_tflops * 1e9), nbytes / (copy_gbps * 1e6))
+    return {"dense_flops": 2 * layer_params * (s.prefill_tokens + s.decode_seqs) + 2 * head * (s.decode_seqs + chunks),
+            "dense_bytes": 2 * (layer_params + head),
+            "attention_flops": 4 * c.num_hidden_layers * c.q_size * pairs,
+            "attention_bytes": kv_token_bytes * (s.prefill_kv + s.prefill_tokens + s.decode_kv + s.decode_seqs)}
+
+
+def step_roofline_ms(c: ModelConfig, s: StepRecord, matmul_tflops: float, copy_gbps: float) -> float:
+    """The least time one forward over this step's rows can take here: all its FLOPs at the measured bf16
+    matmul rate or all its bytes at the measured copy bandwidth, whichever is longer (step_work)."""
+    w = step_work(c, s)
+    return max((w["dense_flops"] + w["attention_flops"]) / (matmul_tflops * 1e9),
+               (w["dense_bytes"] + w["attention_bytes"]) / (copy_gbps * 1e6))
+
+
+def step_serial_floor_ms(c: ModelConfig, s: StepRecord, matmul_tflops: float, copy_gbps: float) -> float:
+    """The least time when the dense kernels and attention run one after the other, as every engine's
+    kernels of one step do: each at its own roofline, summed. Above step_roofline_ms where a mixed step's
+    decode rows bring much KV: the GEMMs are bound by FLOPs and the attention by bytes, and the roofline
+    lets the one hide the other."""
+    w = step_work(c, s)
+    rate, bw = matmul_tflops * 1e9, copy_gbps * 1e6
+    return (max(w["dense_flops"] / rate, w["dense_bytes"] / bw)
+            + max(w["attention_flops"] / rate, w["attention_bytes"] / bw))
 
 
 def decode_floor_ms(c: ModelConfig, batch: int, kv: int, copy_gbps: float) -> dict[str, float]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from benchmarks import paper_eval, paper_report, sim_fidelity
-from benchmarks.model_roofline import step_roofline_ms
+from benchmarks.model_roofline import step_roofline_ms, step_serial_floor_ms
 from benchmarks.paper_eval import PolicyResult, Sweep
 from nexus_tune.commands.replay import Replay, _Progress
 from nexus_tune.engine.loader import resolve_config
@@ -186,6 +186,20 @@ def test_roofline_is_compute_bound_for_a_long_prefill_and_memory_bound_for_a_sma
     decode = step_roofline_ms(c, step(num_seqs=8, decode_seqs=8, decode_kv=8000), tflops, gbps)
     weights = 2 * (dense + c.vocab_size * c.hidden_size)
     assert decode == pytest.approx(weights / (gbps * 1e6), rel=0.1)
+
+
+def test_serial_floor_adds_a_mixed_steps_kv_to_its_gemms():
+    """512 prompt tokens + 64 decode rows over 2048 KV each: the roofline lets the GEMMs' FLOPs hide the
+    KV read; one kernel after the other, the KV read comes on top. A plain prefill or decode: the same."""
+    c = resolve_config("llama-3.1-8b")
+    tflops, gbps = 700.0, 4200.0
+    mixed = step(num_seqs=65, prefill_tokens=512, decode_seqs=64, decode_kv=64 * 2048)
+    kv_ms = 2 * c.num_hidden_layers * c.kv_size * 2 * (64 * 2048 + 512 + 64) / (gbps * 1e6)
+    assert step_serial_floor_ms(c, mixed, tflops, gbps) == pytest.approx(
+        step_roofline_ms(c, mixed, tflops, gbps) + kv_ms, rel=0.02)
+    for alone in (step(prefill_tokens=2048, num_seqs=1), step(num_seqs=8, decode_seqs=8, decode_kv=8000)):
+        assert step_serial_floor_ms(c, alone, tflops, gbps) == pytest.approx(step_roofline_ms(c, alone, tflops, gbps),
+                                                                            rel=0.05)
 
 
 def test_report_writes_the_tables_and_plots(eval_out, tmp_path):
