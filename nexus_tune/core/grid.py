@@ -56,7 +56,10 @@ class GridSpec:
     decode: tuple[tuple[int, int], ...]  # (B_d, KV tokens per sequence)
     holdout_prefill: tuple[tuple[int, int], ...]
     holdout_decode: tuple[tuple[int, int], ...]
-    contention_splits: tuple[float, ...]  # prefill share of the splits timed under contention
+    # Prefill share of the splits timed under contention; 1.0: the largest split, whose small decode
+    # side the controller picks under prefill-heavy load (a stretch fitted only on middle splits was
+    # extrapolated there: docs/performance.md, 2026-12-02).
+    contention_splits: tuple[float, ...]
     contention_prefill: tuple[tuple[int, int], ...]
     contention_decode: tuple[tuple[int, int], ...]
     holdout_contention: tuple[tuple[float, tuple[int, int], tuple[int, int]], ...]  # (share, prefill, decode)
@@ -289,7 +292,7 @@ _POOL = GridSpec(
     prefill=_product((128, 256, 512, 1024, 2048, 4096, 8192), (0, 2048, 8192)),
     decode=_product((1, 4, 8, 16, 32, 64, 128, 256), (512, 1024, 2048, 4096)),
     holdout_prefill=(), holdout_decode=(),
-    contention_splits=(0.25, 0.375, 0.5, 0.625, 0.75),
+    contention_splits=(0.25, 0.375, 0.5, 0.625, 0.75, 1.0),
     contention_prefill=((512, 0), (1024, 4096), (2048, 0), (2048, 8192), (4096, 0), (8192, 0)),
     contention_decode=((32, 2048), (64, 2048), (128, 1024)),
     holdout_contention=(), max_run_ms=1000.0,
@@ -298,7 +301,7 @@ _COARSE = GridSpec(
     name="coarse", train_sms=5, holdout_sms=0,
     prefill=_product((128, 1024, 8192), (0, 8192)), decode=_product((1, 32, 256), (512, 4096)),
     holdout_prefill=(), holdout_decode=(),
-    contention_splits=(0.25, 0.5, 0.75), contention_prefill=((512, 0), (2048, 8192), (4096, 0)),
+    contention_splits=(0.25, 0.5, 0.75, 1.0), contention_prefill=((512, 0), (2048, 8192), (4096, 0)),
     contention_decode=((64, 2048),), holdout_contention=(), max_run_ms=1000.0,
 )
 _QUICK_POOL = replace(_POOL, max_run_ms=400.0)
@@ -307,7 +310,7 @@ SWEEPS = {
     "quick": SweepSpec("quick", budget_s=50.0, pool=_QUICK_POOL, rounds=1, holdout_share=0.1, coarse=replace(
         _COARSE, train_sms=3, prefill=((128, 0), (1024, 8192), (4096, 0)),
         decode=((1, 512), (1, 4096), (32, 2048), (256, 512), (256, 4096)),
-        contention_splits=(0.25, 0.75), contention_prefill=((512, 0), (4096, 0)), max_run_ms=400.0)),
+        contention_splits=(0.25, 1.0), contention_prefill=((512, 0), (4096, 0)), max_run_ms=400.0)),
     # --from: enough to rescale another GPU's model, a quarter of it held out to say how well it did.
     "from": SweepSpec("from", budget_s=45.0, pool=_QUICK_POOL, rounds=1, holdout_share=0.25, coarse=replace(
         _COARSE, train_sms=3, prefill=((128, 0), (2048, 8192)), decode=((1, 512), (32, 4096), (256, 512)),
