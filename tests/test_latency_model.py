@@ -193,13 +193,14 @@ def test_models_saved_before_waves_load_and_predict_as_then(truth):
         assert model.predict(*point) == truth.predict(*point)
 
 
-def test_models_saved_before_mem_low_load_and_predict_as_then(truth):
+def test_models_saved_before_mem_low_and_mem_whole_load_and_predict_as_then(truth):
     old = truth.to_dict()
     for classes in old["classes"].values():
         for op in classes.values():
-            del op["mem_low"]
+            del op["mem_low"], op["mem_whole"]
     model = LatencyModel.from_dict(json.loads(json.dumps(old)))
-    assert all(op.mem_low == 1.0 for classes in model.classes_.values() for op in classes.values())
+    assert all(op.mem_low == 1.0 and op.mem_whole == op.whole
+               for classes in model.classes_.values() for op in classes.values())
     for point in [("prefill", 512, 8192, 72), ("decode", 8, 8192, 20), ("decode", 64, 131072, TOTAL)]:
         assert model.predict(*point) == truth.predict(*point)
 
@@ -218,6 +219,20 @@ def test_memory_bound_decode_slower_than_one_over_sms_on_few_sms_is_fitted():
     for batch, kv in [(1, 2048), (16, 32768)]:
         assert fitted.predict("decode", batch, kv, smallest) == pytest.approx(
             truth.predict("decode", batch, kv, smallest), rel=0.05)
+
+
+def test_a_whole_gpu_that_gains_more_on_compute_than_on_memory_is_fitted():
+    """Decode on the whole GPU: large batches (compute-bound) 35% quicker than the partition curve says,
+    small ones (memory-bound) 5%; one factor for both misses one of them, two fit both."""
+    truth = synthetic_latency_model(TOTAL, 8)
+    dense = truth.classes_["decode"]["dense"]
+    truth.classes_["decode"]["dense"] = replace(dense, whole=0.65, mem_whole=0.95)
+    profile = synthetic_profile(TOTAL, 8, noise=0.0, quick=False)
+    samples = [replace(s, ms=truth.sample_ms(s)) for s in profile.samples]
+    fitted = LatencyModel(TOTAL, profile.split_sms).fit(samples)
+    for batch, kv in [(1, 2048), (256, 131072)]:
+        assert fitted.predict("decode", batch, kv, TOTAL) == pytest.approx(truth.predict("decode", batch, kv, TOTAL),
+                                                                          rel=0.05)
 
 
 def test_waves_quantize_the_prefix_share_of_prefill_attention():

@@ -7,7 +7,7 @@ latency):
 
     compute = sum_i a_i * phi_i(size, kv) * waves / share(r; r_sat, decay)
     memory  = sum_j b_j * psi_j(size, kv) / share(r; mem_r_sat, mem_decay, mem_low) * stretch
-    gpu     = t0 + smoothmax(compute, memory) (* whole on the whole GPU)
+    gpu     = t0 + smoothmax(compute (* whole), memory (* mem_whole))    (the factors on the whole GPU only)
     step    = smoothmax(launch, gpu)
 
 `launch` is the CPU time of launching the step's kernels: an eager prefill step whose GPU work
@@ -18,8 +18,12 @@ the two overlap (a max), not add up. Decode runs as a CUDA graph: its launch is 
 above, each extra SM is worth exp(-decay * (r - r_sat)) of one below it, so the curve
 approaches r_sat + 1/decay. Memory time may fall off faster than 1/r below its knee:
 share = r_sat * (r / r_sat)^low there, low >= 1 (H200, qwen2.5-3b: the decode layers read their
-weights at 44 GB/s per SM on 28 and 36 SMs but 35 on 20, where 1/r under-predicted them by 15%). The whole GPU (sms == total_sms, no partition) gets its own factor
-`whole`: cuBLAS picks kernels for the whole chip and a partition loses more than its SM share.
+weights at 44 GB/s per SM on 28 and 36 SMs but 35 on 20, where 1/r under-predicted them by 15%).
+
+The whole GPU (sms == total_sms, no partition) gets its own factor `whole`: cuBLAS picks kernels for the whole chip and a partition loses more than its SM share,
+more where the GEMMs are compute-bound than where they read weights: decode's memory time has its own
+factor `mem_whole` (H200, qwen2.5-3b: 256 decode rows' layers take 3.3 ms on 132 SMs, 5.2 on 124; 64
+rows 2.6 and 2.9).
 
 `waves` (prefill attention, when the model's query heads are known; else 1): the kernel runs one
 program per 64-row tile of (token, query head) rows of one KV head (GQA packed: 64 / G tokens of the
@@ -75,6 +79,10 @@ _SCOUT_NFEV, _POLISH_NFEV = 150, 600
 _R_BOUNDS = (0.02, 1.0)
 _DECAY_BOUNDS = (1e-3, 60.0)
 _MEM_LOW_BOUNDS = (1.0, 3.0)
+# Phases whose memory time gets its own whole-GPU factor: decode's few rows are memory-bound and its many
+# compute-bound, and a partition costs the two differently; prefill's memory time shows only in a few
+# small whole-GPU steps, too few to fit a factor of its own (one held out, the fit missed it by 33%).
+MEM_WHOLE_PHASES = ("decode",)
 _LOG_COEF_BOUNDS = (-25.0, 12.0)
 _LOG_WHOLE_BOUNDS = (math.log(0.5), math.log(2.0))
 _CONTENTION_TERMS = ("base", "weights", "activations", "attention")
@@ -239,6 +247,11 @@ class OpClass:
     whole: float  # factor on the whole GPU stream against the partition curve
     wave_programs: float = 0.0  # programs per WAVE_TILE tokens per SM's slots (WAVE_CLASSES); 0: no waves
     mem_low: float = 1.0  # memory share's exponent below mem_r_sat (1: time ~ 1/r there)
+    mem_whole: float | None = None  # `whole` for the memory time alone (None: `whole`, as fitted before)
+
+    def __post_init__(self) -> None:
+        if self.mem_whole is None:
+            self.mem_whole = self.whole
 
     def waves(self, size: Any, kv: Any, sms: Any, xp: Any = _Scalar) -> Any:
         """Compute time in whole waves of programs over the time of the same work spread evenly.
@@ -254,7 +267,8 @@ class OpClass:
         phi, psi = feats  # map(mul): the controller calls this on every step, a generator costs 2x
         comp = sum(map(operator.mul, self.compute, phi)) * waves / share(r, self.r_sat, self.decay, xp)
         mem = sum(map(operator.mul, self.memory, psi)) / share(r, self.mem_r_sat, self.mem_decay, xp, self.mem_low)
-        return self.t0_ms + _smooth_max(comp, mem * stretch) * (1.0 + (self.whole - 1.0) * whole)
+        return self.t0_ms + _smooth_max(comp * (1.0 + (self.whole - 1.0) * whole),
+                                        mem * stretch * (1.0 + (self.mem_whole - 1.0) * whole))
 
 
 @dataclass
@@ -278,6 +292,8 @@ class _Layout:
             x += [math.log(v) for v in p.compute] + [p.r_sat, p.decay]
             x += [math.log(v) for v in p.memory] + [p.mem_r_sat, p.mem_decay, p.t0_ms, p.launch_ms,
                                                     math.log(p.whole), p.mem_low]
+            if self.phase in MEM_WHOLE_PHASES:
+                x.append(math.log(p.mem_whole))
         return np.array(x + [overhead])
 
     def unpack(self, x: Sequence[float]) -> tuple[dict[str, OpClass], float]:
@@ -289,10 +305,11 @@ class _Layout:
             r_sat, decay = x[i], x[i + 1]
             mem = [math.exp(v) for v in x[i + 2 : i + 2 + nm]]
             i += 2 + nm
+            own_mem_whole = self.phase in MEM_WHOLE_PHASES
             classes[c] = OpClass(comp, float(r_sat), float(decay), mem, float(x[i]), float(x[i + 1]),
                                  float(x[i + 2]), float(x[i + 3]), math.exp(x[i + 4]), self.wave_programs.get(c, 0.0),
-                                 float(x[i + 5]))
-            i += 6
+                                 float(x[i + 5]), math.exp(x[i + 6]) if own_mem_whole else None)
+            i += 7 if own_mem_whole else 6
         return classes, float(x[i])
 
     def bounds(self) -> tuple[list[float], list[float]]:
@@ -304,6 +321,9 @@ class _Layout:
                 hi += [_LOG_COEF_BOUNDS[1]] * n + [_R_BOUNDS[1], _DECAY_BOUNDS[1]]
             lo += [0.0, 0.0, _LOG_WHOLE_BOUNDS[0], _MEM_LOW_BOUNDS[0]]
             hi += [np.inf, np.inf, _LOG_WHOLE_BOUNDS[1], _MEM_LOW_BOUNDS[1]]
+            if self.phase in MEM_WHOLE_PHASES:
+                lo.append(_LOG_WHOLE_BOUNDS[0])
+                hi.append(_LOG_WHOLE_BOUNDS[1])
         return lo + [0.0], hi + [np.inf]
 
 
