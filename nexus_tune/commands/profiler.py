@@ -53,26 +53,14 @@ FIRST_FIT_S = 4.0
 
 
 # -- timing on the GPU -------------------------------------------------------------------------
-def _time_ms(fn: Callable[[Any], None], stream: Any, runs: int) -> list[float]:
-    """Each run from an idle stream: events bracket the launch, so CPU launch gaps count as they would in serving."""
-    import torch
-
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        fn(stream)
-        end.record(stream)
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def _median_ms(fn: Callable[[Any], None], stream: Any, est_ms: float) -> float:
+    """Each run from an idle stream: events bracket the launch, so CPU launch gaps count as they would in serving."""
+    from nexus_tune.engine.cuda_graphs import event_times_ms  # imports torch: the CLI loads without it
+
     for _ in range(WARMUP):
         fn(stream)
     stream.synchronize()
-    return statistics.median(_time_ms(fn, stream, repeats(est_ms)))
+    return statistics.median(event_times_ms(fn, stream, repeats(est_ms)))
 
 
 def _contended_ms(prefill: Callable[[Any], None], decode: Callable[[Any], None], split: Any,

@@ -285,6 +285,11 @@ class _Layout:
             phi, psi = FEATURES[(self.phase, cls)](1.0, 1.0)
             self.n_comp[cls], self.n_mem[cls] = len(phi), len(psi)
 
+    @property
+    def own_mem_whole(self) -> bool:
+        """The phase's memory time has a whole-GPU factor of its own in the vector (MEM_WHOLE_PHASES)."""
+        return self.phase in MEM_WHOLE_PHASES
+
     def pack(self, classes: dict[str, OpClass], overhead: float) -> np.ndarray:
         x: list[float] = []
         for c in CLASSES:
@@ -292,7 +297,7 @@ class _Layout:
             x += [math.log(v) for v in p.compute] + [p.r_sat, p.decay]
             x += [math.log(v) for v in p.memory] + [p.mem_r_sat, p.mem_decay, p.t0_ms, p.launch_ms,
                                                     math.log(p.whole), p.mem_low]
-            if self.phase in MEM_WHOLE_PHASES:
+            if self.own_mem_whole:
                 x.append(math.log(p.mem_whole))
         return np.array(x + [overhead])
 
@@ -305,11 +310,10 @@ class _Layout:
             r_sat, decay = x[i], x[i + 1]
             mem = [math.exp(v) for v in x[i + 2 : i + 2 + nm]]
             i += 2 + nm
-            own_mem_whole = self.phase in MEM_WHOLE_PHASES
             classes[c] = OpClass(comp, float(r_sat), float(decay), mem, float(x[i]), float(x[i + 1]),
                                  float(x[i + 2]), float(x[i + 3]), math.exp(x[i + 4]), self.wave_programs.get(c, 0.0),
-                                 float(x[i + 5]), math.exp(x[i + 6]) if own_mem_whole else None)
-            i += 7 if own_mem_whole else 6
+                                 float(x[i + 5]), math.exp(x[i + 6]) if self.own_mem_whole else None)
+            i += 7 if self.own_mem_whole else 6
         return classes, float(x[i])
 
     def bounds(self) -> tuple[list[float], list[float]]:
@@ -321,7 +325,7 @@ class _Layout:
                 hi += [_LOG_COEF_BOUNDS[1]] * n + [_R_BOUNDS[1], _DECAY_BOUNDS[1]]
             lo += [0.0, 0.0, _LOG_WHOLE_BOUNDS[0], _MEM_LOW_BOUNDS[0]]
             hi += [np.inf, np.inf, _LOG_WHOLE_BOUNDS[1], _MEM_LOW_BOUNDS[1]]
-            if self.phase in MEM_WHOLE_PHASES:
+            if self.own_mem_whole:
                 lo.append(_LOG_WHOLE_BOUNDS[0])
                 hi.append(_LOG_WHOLE_BOUNDS[1])
         return lo + [0.0], hi + [np.inf]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import statistics
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
@@ -43,14 +44,27 @@ def fastest_buckets(ms: dict[int, float], faster_by: float = FASTER_BY) -> dict[
     """bucket -> the bucket to replay instead: the smallest of those at least as large that comes within
     `faster_by` of the quickest of them, when it beats the bucket's own time by `faster_by`; buckets
     that keep their own graph are left out."""
+    sizes = sorted(ms)
     out = {}
-    for b in ms:
-        larger = sorted(c for c in ms if c >= b)
-        quickest = min(ms[c] for c in larger)
-        pick = next(c for c in larger if ms[c] <= (1 + faster_by) * quickest)
+    for i, b in enumerate(sizes):
+        quickest = min(ms[c] for c in sizes[i:])
+        pick = next(c for c in sizes[i:] if ms[c] <= (1 + faster_by) * quickest)
         if ms[pick] < (1 - faster_by) * ms[b]:
             out[b] = pick
     return out
+
+
+def event_times_ms(fn: Callable[[Any], object], stream: torch.cuda.Stream, runs: int) -> list[float]:
+    """ms of each of `runs` calls of fn(stream), bracketed by CUDA events on `stream`."""
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn(stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
 
 
 @contextlib.contextmanager
@@ -169,12 +183,4 @@ class GraphSet:
         stream = self._streams[key]
         with torch.cuda.stream(stream):
             self.replay(key, bucket)
-            times = []
-            for _ in range(TIMED_REPLAYS):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                self.replay(key, bucket)
-                end.record(stream)
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
+            return statistics.median(event_times_ms(lambda _: self.replay(key, bucket), stream, TIMED_REPLAYS))
