@@ -1,4 +1,4 @@
-"""Decode GEMMs (a few rows, bound by the weight's bytes): cuBLAS against the skinny Triton kernel.
+"""Decode GEMMs (a few rows, bound by the weight's bytes): cuBLAS and cuBLASLt against the skinny Triton kernel.
 
     PYTHONPATH=. python benchmarks/gemm_bench.py --out $OUT     (about a minute on an H200)
 
@@ -28,6 +28,7 @@ from benchmarks.model_roofline import copy_gbps
 from nexus_tune.core.device import software_versions
 from nexus_tune.core.partition import SplitTable
 from nexus_tune.engine.config import ModelConfig, get_preset
+from nexus_tune.engine.cuda_graphs import blas_library
 from nexus_tune.engine.kernels.skinny_gemm import SkinnyConfig, skinny_linear
 
 MODELS = ("llama-3.1-8b", "qwen2.5-3b")
@@ -85,6 +86,8 @@ def bench_shape(k: int, n: int, rows: int, sides: dict[str, tuple[Any, int]], ge
     for side, (stream, sms) in sides.items():
         row: dict[str, Any] = {"k": k, "n": n, "rows": rows, "side": side, "sms": sms, "bytes": moved}
         row["cublas_ms"] = graph_ms([lambda w=w: F.linear(x, w) for w in ws], stream)
+        with blas_library("cublaslt"):  # captured under the setting: the graph keeps cuBLASLt's kernels
+            row["cublaslt_ms"] = graph_ms([lambda w=w: F.linear(x, w) for w in ws], stream)
         tried = []
         for cfg in CANDIDATES:
             err = rel_err(skinny_linear(x, ws[0], cfg=cfg), ref)
@@ -102,15 +105,16 @@ def to_markdown(res: dict[str, Any]) -> str:
     bw = res["copy_gbps"]
     lines = [f"# Decode GEMMs: cuBLAS vs skinny Triton ({res['device']}, {res['date']})", "",
              f"Copy bandwidth {bw:.0f} GB/s. GB/s = (W + x + y bytes) / time; % of the copy rate in brackets.", "",
-             "| model | GEMM | rows | side | cuBLAS ms (GB/s) | skinny (engine's config) ms (GB/s) | best ms | best config |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | GEMM | rows | side | cuBLAS ms (GB/s) | cuBLASLt ms (GB/s) | skinny (engine's config) ms (GB/s) "
+             "| best ms | best config |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         def rate(ms):
             g = r["bytes"] / ms / 1e6
             return f"{ms:.4f} ({g:.0f}, {100 * g / bw:.0f}%)"
         cfg = r["best_config"]
         lines.append(f"| {r['model']} | {r['gemm']} {r['k']}x{r['n']} | {r['rows']} | {r['side']} | "
-                     f"{rate(r['cublas_ms'])} | {rate(r['default_ms'])} | {r['best_ms']:.4f} | "
+                     f"{rate(r['cublas_ms'])} | {rate(r['cublaslt_ms'])} | {rate(r['default_ms'])} | {r['best_ms']:.4f} | "
                      f"n{cfg['block_n']} k{cfg['block_k']} s{cfg['num_stages']} w{cfg['num_warps']} |")
     return "\n".join(lines) + "\n"
 
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                         res["rows"].append(r)
                         bw = r["bytes"] / 1e6
                         print(f"{model:13s} {name:8s} M={rows:3d} {r['side']:10s} cublas {r['cublas_ms']:.4f} "
-                              f"({bw / r['cublas_ms']:.0f} GB/s) skinny {r['default_ms']:.4f} best {r['best_ms']:.4f} "
+                              f"({bw / r['cublas_ms']:.0f} GB/s) lt {r['cublaslt_ms']:.4f} skinny {r['default_ms']:.4f} best {r['best_ms']:.4f} "
                               f"({bw / r['best_ms']:.0f} GB/s) {r['best_config']}", flush=True)
                     torch.cuda.empty_cache()
     table.close()

@@ -133,6 +133,25 @@ def test_contention_slows_decode_more_for_heavier_prefill(fitted):
     assert fitted.predict_decode(64, 131072, TOTAL, prefill_tokens=2048) > fitted.predict_decode(64, 131072, TOTAL)
 
 
+def test_a_prefill_stretches_compute_bound_decode_as_much_as_memory_bound(fitted):
+    """Contention scales each class's whole GPU time past its fixed t0 (compute too: a large batch slowed
+    more than a small one on the H200), so a 1-row and a 256-row batch stretch alike."""
+    sms, prefill = 36, dict(prefill_tokens=2048, prefill_kv=8192)
+    stretch = fitted._stretch(sms, **prefill)
+    assert stretch > 1.05
+    for batch, kv in [(1, 512), (256, 256 * 4096)]:
+        for cls in ("attention", "dense"):
+            t0 = fitted.classes_["decode"][cls].t0_ms
+            alone = fitted._gpu_ms("decode", cls, batch, kv, sms) - t0
+            beside = fitted._gpu_ms("decode", cls, batch, kv, sms, stretch) - t0
+            assert beside / alone == pytest.approx(stretch, rel=1e-9), (batch, cls)
+
+
+def test_only_decode_fits_a_memory_exponent_below_the_knee(fitted):
+    assert all(op.mem_low == 1.0 for op in fitted.classes_["prefill"].values())
+    assert fitted.classes_["decode"]["dense"].mem_low >= 1.0
+
+
 def _feed(model: LatencyModel, truth: LatencyModel, engine_ms, sms_choices, steps: int = 300, seed: int = 0) -> None:
     """Decode steps of random batches on `sms_choices`, observed as engine_ms(curve ms, batch)."""
     rng = np.random.default_rng(seed)

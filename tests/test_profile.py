@@ -207,3 +207,29 @@ def test_check_and_refit_commands_need_no_gpu(calibrated, tmp_path, capsys):
     assert main(["profile", "check", str(tmp_path / "missing.json")]) == 2
     with pytest.raises(SystemExit):  # one fold trains on nothing: refused while parsing
         main(["profile", "check", str(path), "--folds", "1"])
+
+
+def test_samples_of_another_sweep_join_a_refit(synthetic, tmp_path, capsys):
+    half = len(synthetic.samples) // 2
+    first = replace(synthetic, samples=synthetic.samples[:half], created="sweep 1")
+    held = next(s for s in synthetic.samples[half:] if s.holdout)
+    # the second sweep trained on a point the first held out (a user's two sweeps drew their points apart)
+    second = replace(synthetic, samples=[*synthetic.samples[half:], replace(held, holdout=False, ms=held.ms * 1.01)],
+                     created="sweep 2")
+    pooled = first.with_samples_of([second])
+    assert len(pooled.samples) == len(synthetic.samples) + 1
+    assert not any(s.holdout for s in pooled.samples if s.key == held.key)  # trained somewhere: trained on
+    assert pooled.grid["samples_from"] == ["sweep 1", "sweep 2"]
+    split_samples(pooled.samples)  # no held-out point was trained on
+
+    a, b = first.save(tmp_path / "a.json"), second.save(tmp_path / "b.json")
+    out = tmp_path / "pooled.json"
+    assert main(["profile", "refit", str(a), "--add-samples", str(b), "--folds", "2", "--out", str(out)]) == 0
+    assert f"{len(pooled.samples)} samples" in capsys.readouterr().out
+    assert len(Profile.load(out).samples) == len(pooled.samples)
+
+    other_model = replace(second, model={**second.model, "name": "qwen2.5-3b", "config_hash": "def456"})
+    with pytest.raises(ProfileError, match="same GPU, model and backend only"):
+        first.with_samples_of([other_model])
+    assert main(["profile", "refit", str(a), "--add-samples", str(other_model.save(tmp_path / "q.json"))]) == 2
+    assert "cannot join" in capsys.readouterr().err

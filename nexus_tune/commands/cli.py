@@ -145,6 +145,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                               "keeps everything else")
     add_cv_args(ps)
     ps.add_argument("--out", type=output_file, help="write the refitted profile here (default: in place)")
+    ps.add_argument("--add-samples", nargs="+", default=[], metavar="PROFILE",
+                    help="fit on these profiles' samples too (other sweeps of the same model on this GPU)")
     ps.add_argument("--attention-heads", type=positive_int,
                     help="the model's query heads (default: the profile's, else its preset's or checkpoint's)")
     ps.set_defaults(handler="nexus_tune.commands.profile_view:run_refit")

@@ -214,14 +214,25 @@ def run_refit(args: Any) -> int:
 
     console = Console()
     profile = _load(args.path)
-    if profile is None:
+    others = [_load(path) for path in args.add_samples]
+    if profile is None or None in others:
+        return 2
+    try:
+        pooled = profile.with_samples_of(others)
+    except ProfileError as e:
+        from nexus_tune.commands.cli import report_error
+
+        report_error(str(e))
         return 2
     folds, seed = _cv_settings(args)
     stored = profile.cross_validation
     before = (stored if stored and (stored["folds"], stored["seed"]) == (folds, seed)
               else cross_validate(profile.samples, profile.latency_model, folds, seed).summary())
     heads = args.attention_heads or model_heads(profile)
-    refitted = profile.refit(heads, folds, seed)
+    refitted = pooled.refit(heads, folds, seed)
+    if others:
+        console.print(f"fitted on {len(pooled.samples)} samples: {len(profile.samples)} of {args.path} and "
+                      f"{len(pooled.samples) - len(profile.samples)} of {', '.join(args.add_samples)}")
     console.print(cv_comparison(before, refitted.cross_validation))
     console.print(cv_table(refitted.cross_validation, "After the refit"))
     if not heads:

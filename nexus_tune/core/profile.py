@@ -209,6 +209,23 @@ class Profile:
         model, fit_error, cv = fit_latency_model(setup, self.samples, folds, seed)
         return replace(self, latency_model=model, fit_error=fit_error, cross_validation=cv, refitted=_now())
 
+    def with_samples_of(self, others: Sequence[Profile]) -> Profile:
+        """This profile with the samples of `others` added: more sweeps of the same model on the same GPU
+        (refit it to use them). A point held out in one sweep and trained on in another is trained on."""
+        mine = (self.gpu["slug"], self.gpu["sm_count"], self.model["config_hash"], self.backend)
+        for other in others:
+            theirs = (other.gpu["slug"], other.gpu["sm_count"], other.model["config_hash"], other.backend)
+            if theirs != mine:
+                raise ProfileError(f"samples of {other.model['name']} on {other.gpu['slug']} ({other.backend}) "
+                                   f"cannot join a profile of {self.model['name']} on {self.gpu['slug']} "
+                                   f"({self.backend}): same GPU, model and backend only")
+        pooled = self.samples + [s for other in others for s in other.samples]
+        trained = {s.key for s in pooled if not s.holdout}
+        samples = [replace(s, holdout=False) if s.holdout and s.key in trained else s for s in pooled]
+        grid = dict(self.grid, samples_from=[*self.grid.get("samples_from", [self.created]),
+                                             *(other.created for other in others)])
+        return replace(self, samples=samples, grid=grid)
+
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write atomically (a reader never sees half a file); returns the path."""

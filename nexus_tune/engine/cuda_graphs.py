@@ -68,21 +68,30 @@ def event_times_ms(fn: Callable[[Any], object], stream: torch.cuda.Stream, runs:
 
 
 @contextlib.contextmanager
+def blas_library(name: str) -> Iterator[None]:
+    """torch's preferred BLAS library set to `name` while it lasts (process-wide)."""
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
+@contextlib.contextmanager
 def gemms_sized_for(sms: int | None, total_sms: int) -> Iterator[None]:
     """GEMMs launched (or captured) inside run through cuBLASLt aimed at `sms` SMs; None or all
     SMs: the library's defaults. Process-wide while it lasts: use it where no other thread launches."""
     if sms is None or sms >= total_sms or not torch.cuda.is_available():
         yield
         return
-    library = torch.backends.cuda.preferred_blas_library()
     carveout = torch._C._get_sm_carveout_experimental()
-    torch.backends.cuda.preferred_blas_library("cublaslt")
     torch._C._set_sm_carveout_experimental(total_sms - sms)
     try:
-        yield
+        with blas_library("cublaslt"):
+            yield
     finally:
         torch._C._set_sm_carveout_experimental(carveout)
-        torch.backends.cuda.preferred_blas_library(library)
 
 
 def capture(step: Callable[[], object], stream: torch.cuda.Stream, pool: Any = None, sms: int | None = None,
