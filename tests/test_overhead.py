@@ -177,3 +177,23 @@ def test_step_fidelity_benchmark_scores_the_second_half_of_each_run_with_split(t
         assert median > 10 if cycle_error == "large" else median < 1e-3
         steps = kinds["decode/decode"]["steps"]
         assert steps == 398 if not extra else 100 < steps < 300  # with --split: the second halves only
+
+
+def test_prefill_steps_are_split_by_whether_the_decode_loop_ran_beside_them():
+    from benchmarks.step_fidelity import prefill_beside_decode
+
+    def prefill(t: float, slow: float) -> dict:
+        r = {"loop": "prefill", "kind": "prefill", "sms": 104, "num_seqs": 1, "prefill_tokens": 2048, "prefill_kv": 0,
+             "decode_seqs": 0, "decode_kv": 0, "beside_prefill": 0, "beside_prefill_kv": 0, "start_ms": t, "failed": False}
+        r["gpu_ms"] = slow * predicted_gpu_ms(r, MODEL)
+        r["end_ms"] = t + r["gpu_ms"]
+        return r
+
+    beside, alone = prefill(0.0, 1.2), prefill(1000.0, 1.0)
+    decode = [dict(decode_record(t, 8, 8000), gpu_ms=5.0, end_ms=t + 5.0) for t in range(0, int(beside["end_ms"]), 5)]
+    half = prefill(2000.0, 1.1)  # the decode loop covers half of it: neither, left out
+    decode += [dict(decode_record(t, 8, 8000), gpu_ms=5.0, end_ms=t + 5.0)
+               for t in range(2000, int(2000 + half["gpu_ms"] / 2), 5)]
+    rows = prefill_beside_decode(PROFILE, [[beside, alone, half, *decode]])
+    assert [(r["decode_loop"], r["steps"]) for r in rows] == [("beside", 1), ("idle", 1)]
+    assert [r["measured_over_profile"] for r in rows] == pytest.approx([1.2, 1.0])
