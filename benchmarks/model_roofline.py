@@ -415,6 +415,9 @@ def main() -> int:
          f"{g['decode_ms'][str(DECODE_SIDE)]:.2f} / {g['decode_ms'][f'{DECODE_SIDE}u']:.2f} ms = "
          f"{g['decode_ms'][str(DECODE_SIDE)] / g['decode_ms']['whole']:.3f}x / "
          f"{g['decode_ms'][f'{DECODE_SIDE}u'] / g['decode_ms']['whole']:.3f}x whole"),
+        (f"decode on {DECODE_SIDE} SMs, bytes-bound floor",
+         f"{bw['whole'] / bw[str(DECODE_SIDE)]:.3f}x whole: the side streams {bw[str(DECODE_SIDE)]:.0f} GB/s, "
+         f"the whole GPU {bw['whole']:.0f} (elementwise, below)"),
         (f"prefill {args.chunk} graph / eager, whole GPU",
          f"{whole_prefill:.1f} / {g['prefill_ms']['whole eager']:.1f} ms = {p['tflops']:.0f} TFLOP/s = "
          f"{p['fraction']:.0%} of matmul"),
