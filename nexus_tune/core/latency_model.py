@@ -16,7 +16,7 @@ the two overlap (a max), not add up. Decode runs as a CUDA graph: its launch is 
 
 `share` is the two-regime saturation-decay curve: below r_sat it is r itself (time ~ c/(r*C));
 above, each extra SM is worth exp(-decay * (r - r_sat)) of one below it, so the curve
-approaches r_sat + 1/decay. Memory time may fall off faster than 1/r below its knee:
+approaches r_sat + 1/decay. Decode's memory time may fall off faster than 1/r below its knee:
 share = r_sat * (r / r_sat)^low there, low >= 1 (H200, qwen2.5-3b: the decode layers read their
 weights at 44 GB/s per SM on 28 and 36 SMs but 35 on 20, where 1/r under-predicted them by 15%).
 
@@ -41,9 +41,12 @@ its weights (1/T_p), its activations (P_T/T_p) and its attention KV streaming
 rest (L2, power). The compute time stretches too: a decode batch of 128 slows more beside a
 prefill than one of 64 on the same SMs (H200, qwen2.5-3b on 36 SMs: 1.32x against 1.24x), though
 more of its time is compute (a shared L2 and the clock under a power limit slow that as well);
-stretching memory alone missed the 20-SM side by 18% (llama-3.1-8b), both by 10% at most. Memory-bound attention weighs in through its own gamma. The work features,
-not the fitted memory coefficients, set u_k: a compute-bound prefill leaves its memory
-coefficients unidentified, and the contention fit must not inherit that.
+stretching memory alone missed the 20-SM side by 18% (llama-3.1-8b), stretching both by 10% at most.
+Memory-bound attention weighs in through its own gamma. The work features, not the fitted memory
+coefficients, set u_k: a compute-bound prefill leaves its memory coefficients unidentified, and the
+contention fit must not inherit that. A decode running beside a prefill slows the prefill as well
+(13-19% on the H200, docs/performance.md); that is not modelled here yet, so the calibrated step
+overhead of the two-loop prefill steps carries it.
 
 Fitted parameters are plain attributes (`classes_`, `overhead_ms_`, `contention_`) that round-trip
 through `to_dict`/`from_dict`; `update` keeps an online correction per phase (`corrections_`):
