@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nexus_tune.engine.config import ModelConfig
-from nexus_tune.engine.cuda_graphs import gemms_sized_for
+from nexus_tune.engine.cuda_graphs import blas_library, gemms_sized_for
 from nexus_tune.engine.kernels import decode_attention, default_config, max_tiles, prefill_attention, tile_map
 from nexus_tune.engine.loops import StepRecord
 from nexus_tune.engine.model_runner import ModelRunner
@@ -181,22 +181,33 @@ def graphs(runner: ModelRunner, table: SplitTable, batch: int, kv: int, chunk: i
         out["prefill_ms"][str(key)] = time_ms(lambda k=key: runner.prefill(pstep, key=k), iters=3, stream=stream)
     out["prefill_ms"]["whole eager"] = time_ms(lambda: runner.prefill(pstep, table.whole), iters=3,
                                                stream=table.whole)
-    out["decode_kernels_ms"] = decode_breakdown(runner, step, table.whole)
+    out["decode_kernels_ms"], out["decode_other_kernels_ms"] = decode_breakdown(runner, step, table.whole)
+    # The layers' GEMMs through cuBLASLt (captured under the setting; the graph keeps its kernels): this
+    # replaces the decode graphs, so it comes after every timing of them.
+    with blas_library("cublaslt"):
+        runner.capture_graphs({}, {"whole": (table.whole, None)}, total, decode_buckets=[batch])
+    out["decode_ms"]["whole cublaslt"] = time_ms(lambda: runner.decode(step, "whole"), iters=20, stream=table.whole)
     return out
 
 
-KERNEL_KINDS = (("LM head (skinny)", ("_skinny",)), ("SwiGLU", ("_silu_mul",)), ("cuBLAS GEMM", ("gemm", "nvjet", "cutlass", "xmma")),
-                ("decode attention", ("_split_kernel", "_merge_kernel")), ("RMSNorm", ("rms_norm",)),
+KERNEL_KINDS = (("LM head (skinny)", ("_skinny",)), ("SwiGLU", ("_silu_mul",)),
+                ("cuBLAS GEMM", ("gemm", "nvjet", "cutlass", "xmma", "splitKreduce")),
+                ("decode attention", ("_split_kernel", "_reduce_kernel")), ("RMSNorm", ("rms_norm",)),
                 ("RoPE", ("rope",)), ("KV write", ("store_kv",)), ("copies", ("Memcpy", "Memset")))
 
 
+OTHER_KIND = "other (elementwise, embedding)"
+
+
 def kernel_kind(name: str) -> str:
-    return next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other (elementwise, embedding)")
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), OTHER_KIND)
 
 
-def decode_breakdown(runner: ModelRunner, step: DecodeInput, stream: Any, steps: int = 3) -> dict[str, float]:
+def decode_breakdown(runner: ModelRunner, step: DecodeInput, stream: Any, steps: int = 3
+                     ) -> tuple[dict[str, float], dict[str, float]]:
     """ms per decode step by kernel kind, summed over the kernels of eager steps (torch.profiler):
-    where the graph's time goes (the graph adds no kernels, only removes the launch gaps)."""
+    where the graph's time goes (the graph adds no kernels, only removes the launch gaps); and the
+    five costliest kernels of no known kind, by name."""
     from torch.profiler import ProfilerActivity, profile
     with torch.cuda.stream(stream):
         runner.decode(step)
@@ -206,12 +217,15 @@ def decode_breakdown(runner: ModelRunner, step: DecodeInput, stream: Any, steps:
                 runner.decode(step)
             torch.cuda.synchronize()
     out: dict[str, float] = {}
+    other: dict[str, float] = {}
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0.0)
         if us > 0:
             kind = kernel_kind(e.key)
             out[kind] = out.get(kind, 0.0) + us / 1e3 / steps
-    return out
+            if kind == OTHER_KIND:
+                other[e.key] = us / 1e3 / steps
+    return out, dict(sorted(other.items(), key=lambda kv: -kv[1])[:5])
 
 
 def partition_bandwidth(table: SplitTable, decode_sides: tuple[int, ...]) -> dict[str, float]:
@@ -411,6 +425,11 @@ def main() -> int:
         ("decode kernels per step (eager, whole GPU)",
          ", ".join(f"{k} {v:.3f}" for k, v in sorted(g["decode_kernels_ms"].items(), key=lambda kv: -kv[1]))
          + f" = {sum(g['decode_kernels_ms'].values()):.2f} ms"),
+        ("decode kernels of no known kind, costliest",
+         ", ".join(f"{name[:60]} {ms:.3f}" for name, ms in g["decode_other_kernels_ms"].items())),
+        (f"decode {args.batch} x {args.kv} graph, whole GPU, layers on cuBLASLt",
+         f"{g['decode_ms']['whole cublaslt']:.2f} ms = "
+         f"{g['decode_ms']['whole cublaslt'] / g['decode_ms']['whole']:.3f}x the cuBLAS graph"),
         (f"decode on {DECODE_SIDE} SMs sized / unsized",
          f"{g['decode_ms'][str(DECODE_SIDE)]:.2f} / {g['decode_ms'][f'{DECODE_SIDE}u']:.2f} ms = "
          f"{g['decode_ms'][str(DECODE_SIDE)] / g['decode_ms']['whole']:.3f}x / "

@@ -31,6 +31,7 @@ from benchmarks.paper_eval import eval_trace
 from nexus_tune.commands.calibrate import calibrate, saved_results
 from nexus_tune.core import metrics
 from nexus_tune.core.controller import ControllerKnobs
+from nexus_tune.core.latency_model import LatencyModel
 from nexus_tune.core.profile import Profile
 from nexus_tune.core.simulator import simulate
 
@@ -60,9 +61,11 @@ def compare(result: dict, run: dict, profile: Profile) -> dict | None:
 
 def held_out(profile: Profile, logs: dict[tuple[str, int], list[dict]], leave: tuple[str, int],
              min_steps: int = MIN_STEPS) -> Profile:
-    """The profile with its step overhead fitted on every step log but the run `leave` (file, run index)."""
+    """The profile with its calibration (the prefill stretch beside a decode, then the step overhead)
+    fitted on every step log but the run `leave` (file, run index)."""
     others = [log for key, log in logs.items() if key != leave]
-    return replace(profile, step_overhead=calibrate(profile, others, min_steps))
+    own = replace(profile, latency_model=LatencyModel.from_dict(profile.latency_model.to_dict()))
+    return replace(own, step_overhead=calibrate(own, others, min_steps))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,9 @@ runs it was fitted on: in sample, as `calibrate` reports). With --split, a StepO
 on the first half of every run's steps and scored on the second half, which it never saw.
 
 A second table splits the two-loop policies' prefill steps by their side's SMs and by whether the
-decode loop ran beside them (its steps covered over 80% of the prefill step) or not (under 20%): the
-profile times prefill alone, so the ratio measured / predicted shows what a running decode costs it.
+decode loop ran beside them (core/overhead.py `with_beside_decode`): the profile times prefill alone, so
+the ratio measured / predicted alone shows what a running decode costs it. A third gives, per step kind,
+the loop's cycle beyond the step's GPU span, measured directly (StepOverhead's fixed term is a fit).
 """
 from __future__ import annotations
 
@@ -25,11 +26,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rich.console import Console
 from rich.table import Table
 
 from nexus_tune.commands.calibrate import saved_step_logs
-from nexus_tune.core.overhead import StepOverhead, fidelity_table, predicted_gpu_ms, step_fidelity
+from nexus_tune.core.overhead import (StepOverhead, fidelity_table, record_prefix, step_cycles, step_fidelity,
+                                      step_key, with_beside_decode)
 from nexus_tune.core.profile import Profile
 
 MIN_STEPS = 30  # as `nexus-tune calibrate` (--min-steps): a step kind with fewer keeps the bare prediction
@@ -52,25 +56,28 @@ def fidelity(profile: Profile, logs: list[list[dict[str, Any]]], split: bool) ->
     return step_fidelity(second, profile.latency_model, overhead)
 
 
-def _covered(start: float, end: float, spans: list[tuple[float, float]]) -> float:
-    """Share of [start, end] that the spans cover (spans of one loop do not overlap)."""
-    return sum(max(0.0, min(end, b) - max(start, a)) for a, b in spans) / max(end - start, 1e-9)
-
-
 def prefill_beside_decode(profile: Profile, logs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per (prefill SMs, decode loop beside or idle): steps and the median of GPU time over the profile's."""
+    """Per (prefill SMs, decode loop beside or idle): steps and the median of GPU time over the profile's
+    prefill alone."""
+    model = profile.latency_model
     ratios: dict[tuple[int, str], list[float]] = defaultdict(list)
-    for log in logs:
-        timed = [r for r in log if r.get("gpu_ms") and r.get("start_ms") is not None and r.get("end_ms") is not None]
-        decode = [(r["start_ms"], r["end_ms"]) for r in timed if r["loop"] == "decode"]
-        for r in timed:
-            if r["loop"] == "prefill" and r["kind"] == "prefill":
-                covered = _covered(r["start_ms"], r["end_ms"], decode)
-                if covered > 0.8 or covered < 0.2:
-                    ratio = r["gpu_ms"] / predicted_gpu_ms(r, profile.latency_model)
-                    ratios[r["sms"], "beside" if covered > 0.8 else "idle"].append(ratio)
+    for log in map(with_beside_decode, logs):
+        for r in log:
+            if r["loop"] == "prefill" and r["kind"] == "prefill" and r.get("gpu_ms") and not r.get("failed"):
+                alone = model.predict_prefill(r["prefill_tokens"], record_prefix(r), r["sms"])
+                ratios[r["sms"], "beside" if r.get("beside_decode") else "idle"].append(r["gpu_ms"] / alone)
     return [{"prefill_sms": sms, "decode_loop": state, "steps": len(v), "measured_over_profile": statistics.median(v)}
             for (sms, state), v in sorted(ratios.items())]
+
+
+def host_per_step(logs: list[list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per step key: median and p90 of a loop's cycle less the step's GPU span (ms): what a step costs
+    the loop beyond its kernels, measured directly rather than through StepOverhead's fit."""
+    beyond: dict[str, list[float]] = defaultdict(list)
+    for r, cycle in step_cycles(logs):
+        beyond[step_key(r["loop"], r["kind"])].append(cycle - r["gpu_ms"])
+    return {key: {"steps": len(v), "median_ms": statistics.median(v), "p90_ms": float(np.percentile(v, 90))}
+            for key, v in sorted(beyond.items())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logs:
         raise SystemExit(f"no step records of {profile.model['name']} under {', '.join(args.runs)}")
     result = {"profile": args.profile, "files": files, "split": args.split, "kinds": fidelity(profile, logs, args.split),
-              "prefill_beside_decode": prefill_beside_decode(profile, logs)}
+              "prefill_beside_decode": prefill_beside_decode(profile, logs), "host_per_step": host_per_step(logs)}
     out = Path(args.out) / f"step_fidelity_{profile.model['slug']}_{profile.gpu['slug']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -98,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="right")
     for row in result["prefill_beside_decode"]:
         table.add_row(str(row["prefill_sms"]), row["decode_loop"], str(row["steps"]), f"{row['measured_over_profile']:.3f}")
+    console.print(table)
+    table = Table(title="a loop's cycle beyond its step's GPU span (host work and gap to the next step), ms")
+    for col in ("loop/kind", "steps", "median", "p90"):
+        table.add_column(col, justify="right")
+    for key, row in result["host_per_step"].items():
+        table.add_row(key, str(row["steps"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}")
     console.print(table)
     print(f"wrote {out}")
     return 0

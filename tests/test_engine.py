@@ -142,6 +142,11 @@ def test_two_loop_policy_counts_split_switches_and_logs_steps(profile, prompts):
     assert llm.core.ctx.latency_model.recent_decode_ms_ is not None  # the controller's step times were fed
     fed = [r for r in records if r.predicted_ms is not None]
     assert fed and all(r.cycle_ms > 0 for r in fed)  # kernel time and the loop's cycle, every two-loop step
+    # A prefill step records the sequences the decode loop was running at its launch: only after a decode step.
+    beside = [r for r in records if r.kind == "prefill" and r.beside_decode]
+    first_decode = min(r.start_ms for r in records if r.kind == "decode")
+    assert beside and all(r.start_ms > first_decode and r.beside_decode <= len(prompts) for r in beside)
+    assert all(r.beside_decode == 0 for r in records if r.kind == "decode")
 
 
 # -- text, stop strings, streaming -------------------------------------------------------------

@@ -147,6 +147,23 @@ def test_a_prefill_stretches_compute_bound_decode_as_much_as_memory_bound(fitted
             assert beside / alone == pytest.approx(stretch, rel=1e-9), (batch, cls)
 
 
+def test_a_decode_beside_stretches_prefill_by_its_share_of_the_sms(fitted):
+    model = LatencyModel.from_dict(fitted.to_dict())
+    alone = model.predict_prefill(2048, 0, 104)
+    assert model.predict_prefill(2048, 0, 104, beside_decode=True) == alone  # uncalibrated: no stretch
+    model.prefill_contention_ = 0.9
+    beside = model.predict_prefill(2048, 0, 104, beside_decode=True)
+    # The GPU time past each class's fixed t0 stretches by 1 + 0.9 x 28 / 132: the step nearly so.
+    assert model.prefill_stretch(104) == pytest.approx(1 + 0.9 * 28 / TOTAL)
+    assert beside / alone == pytest.approx(model.prefill_stretch(104), rel=0.02) and beside > alone
+    assert model.prefill_stretch(112) < model.prefill_stretch(104)  # a smaller decode side slows it less
+    again = LatencyModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again.predict_prefill(2048, 0, 104, beside_decode=True) == beside
+    older = model.to_dict()
+    del older["prefill_contention"]  # saved before calibrate fitted it
+    assert LatencyModel.from_dict(older).predict_prefill(2048, 0, 104, beside_decode=True) == alone
+
+
 def test_only_decode_fits_a_memory_exponent_below_the_knee(fitted):
     assert all(op.mem_low == 1.0 for op in fitted.classes_["prefill"].values())
     assert fitted.classes_["decode"]["dense"].mem_low >= 1.0

@@ -5,7 +5,9 @@ from dataclasses import replace
 import pytest
 
 from nexus_tune.core.latency_model import chunk_prefix
-from nexus_tune.core.overhead import StepOverhead, predicted_gpu_ms, record_prefix, step_fidelity
+from nexus_tune.core.latency_model import LatencyModel
+from nexus_tune.core.overhead import (StepOverhead, fit_prefill_contention, predicted_gpu_ms, record_prefix, step_fidelity,
+                                     with_beside_decode)
 from nexus_tune.core.profile import Profile
 from nexus_tune.core.testing import synthetic_profile
 from nexus_tune.core.simulator import simulate
@@ -180,20 +182,55 @@ def test_step_fidelity_benchmark_scores_the_second_half_of_each_run_with_split(t
 
 
 def test_prefill_steps_are_split_by_whether_the_decode_loop_ran_beside_them():
-    from benchmarks.step_fidelity import prefill_beside_decode
+    from benchmarks.step_fidelity import host_per_step, prefill_beside_decode
 
     def prefill(t: float, slow: float) -> dict:
-        r = {"loop": "prefill", "kind": "prefill", "sms": 104, "num_seqs": 1, "prefill_tokens": 2048, "prefill_kv": 0,
-             "decode_seqs": 0, "decode_kv": 0, "beside_prefill": 0, "beside_prefill_kv": 0, "start_ms": t, "failed": False}
-        r["gpu_ms"] = slow * predicted_gpu_ms(r, MODEL)
+        r = _prefill_record(t, 104, 1.0)
+        r["gpu_ms"] = slow * MODEL.predict_prefill(2048, 0, 104)
         r["end_ms"] = t + r["gpu_ms"]
         return r
 
     beside, alone = prefill(0.0, 1.2), prefill(1000.0, 1.0)
+    recorded = dict(prefill(2000.0, 1.1), beside_decode=4)  # a log that recorded it: taken as recorded
     decode = [dict(decode_record(t, 8, 8000), gpu_ms=5.0, end_ms=t + 5.0) for t in range(0, int(beside["end_ms"]), 5)]
-    half = prefill(2000.0, 1.1)  # the decode loop covers half of it: neither, left out
-    decode += [dict(decode_record(t, 8, 8000), gpu_ms=5.0, end_ms=t + 5.0)
-               for t in range(2000, int(2000 + half["gpu_ms"] / 2), 5)]
-    rows = prefill_beside_decode(PROFILE, [[beside, alone, half, *decode]])
-    assert [(r["decode_loop"], r["steps"]) for r in rows] == [("beside", 1), ("idle", 1)]
-    assert [r["measured_over_profile"] for r in rows] == pytest.approx([1.2, 1.0])
+    rows = prefill_beside_decode(PROFILE, [[beside, alone, recorded, *decode]])
+    assert [(r["decode_loop"], r["steps"]) for r in rows] == [("beside", 2), ("idle", 1)]
+    assert [r["measured_over_profile"] for r in rows] == pytest.approx([1.15, 1.0])
+    # The decode loop's back-to-back steps cost nothing beyond their GPU span; the prefill loop's first
+    # gap (to the step 1000 ms later) is an idle wait, counted as the median gap.
+    host = host_per_step([[beside, alone, recorded, *decode]])
+    assert host["decode/decode"]["median_ms"] == 0.0 and host["prefill/prefill"]["steps"] == 2
+
+
+def _prefill_record(t: float, sms: int, gpu_ms: float, **extra) -> dict:
+    return {"loop": "prefill", "kind": "prefill", "sms": sms, "num_seqs": 1, "prefill_tokens": 2048, "prefill_kv": 0,
+            "decode_seqs": 0, "decode_kv": 0, "beside_prefill": 0, "beside_prefill_kv": 0, "start_ms": t,
+            "gpu_ms": gpu_ms, "end_ms": t + gpu_ms, "failed": False, **extra}
+
+
+def test_calibration_recovers_how_much_a_running_decode_slows_prefill():
+    rng = random.Random(0)
+    log, t = [], 0.0
+    for i in range(40):  # steps 1 + 0.9 x decode share slower than the profile's prefill alone, 2% noise
+        sms, beside = (104, 8) if i % 2 else (112, 16)
+        slower = (1 + 0.9 * (132 - sms) / 132) * rng.uniform(0.98, 1.02)
+        log.append(_prefill_record(t, sms, MODEL.predict_prefill(2048, 0, sms) * slower, beside_decode=beside))
+        t += 100.0
+    alone = _prefill_record(t, 104, MODEL.predict_prefill(2048, 0, 104) * 1.5, beside_decode=0)  # not fitted on
+    assert fit_prefill_contention([[*log, alone]], MODEL) == pytest.approx(0.9, abs=0.05)
+    assert fit_prefill_contention([[alone]], MODEL) == 0.0
+    calibrated = LatencyModel.from_dict(MODEL.to_dict())
+    calibrated.prefill_contention_ = fit_prefill_contention([log], MODEL)
+    misses = [abs(predicted_gpu_ms(r, calibrated) / r["gpu_ms"] - 1) for r in log]
+    assert max(misses) < 0.04 < max(abs(predicted_gpu_ms(r, MODEL) / r["gpu_ms"] - 1) for r in log)
+
+
+def test_logs_saved_before_prefill_steps_recorded_the_decode_beside_them_are_read_from_overlap():
+    prefill_beside = _prefill_record(0.0, 104, 20.0)
+    prefill_alone = _prefill_record(100.0, 104, 20.0)
+    recorded = _prefill_record(200.0, 104, 20.0, beside_decode=0)  # recorded: kept as it is
+    decode = [dict(decode_record(t, 8, 8000), gpu_ms=4.0, end_ms=t + 4.0) for t in (*range(0, 20, 4), *range(200, 220, 4))]
+    marked = {r["start_ms"]: r for r in with_beside_decode([prefill_beside, prefill_alone, recorded, *decode])
+              if r["loop"] == "prefill"}
+    assert (marked[0.0]["beside_decode"], marked[100.0]["beside_decode"], marked[200.0]["beside_decode"]) == (1, 0, 0)
+    assert "beside_decode" not in prefill_beside  # the caller's records are left as they were

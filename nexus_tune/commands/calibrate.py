@@ -8,8 +8,9 @@ and schedules (nexus_tune/core/overhead.py). On the GPU this replays the workloa
 greedy, random weights) through one engine per loop family: `chunked` (the mixed loop),
 `prefill-first` (the single loop) and `nexus` (the two loops; static splits share them), at each
 --loads fraction of the prefill-only bound (the arrival rate at which the whole GPU would do
-nothing but prefill), fits `StepOverhead` on every step and writes it into the profile, where
-`simulate`, `tune` and `plan` use it. The step records go to --out, so the fit can be redone
+nothing but prefill), fits how much a running decode slows the two-loop prefill steps (the latency
+model's `prefill_contention_`: the profiler times prefill alone), then `StepOverhead` on every step,
+and writes both into the profile, where `simulate`, `tune` and `plan` use them. The step records go to --out, so the fit can be redone
 anywhere with --from-runs (which also reads `benchmarks/paper_eval.py --save-steps` results).
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nexus_tune.core.overhead import StepOverhead, fidelity_table, overhead_table, step_fidelity
+from nexus_tune.core.overhead import (StepOverhead, fidelity_table, fit_prefill_contention, overhead_table,
+                                      step_fidelity)
 from nexus_tune.core.profile import Profile
 
 RECORDS_FILE = "calibration-steps.json"
@@ -110,8 +112,10 @@ def measure_step_records(profile: Profile, model: str, args: Any, console: Any) 
 
 
 def calibrate(profile: Profile, step_logs: list[list[dict[str, Any]]], min_steps: int = 30) -> StepOverhead:
+    """Fit the profile's model's prefill_contention_ (set in place), then the StepOverhead on top of it."""
     if not step_logs:
         raise CalibrationError("no step records to fit")
+    profile.latency_model.prefill_contention_ = fit_prefill_contention(step_logs, profile.latency_model)
     overhead = StepOverhead().fit(step_logs, profile.latency_model, min_steps)
     if not overhead.terms:
         raise CalibrationError(f"no step kind has {min_steps} steps: replay more requests (--num-prompts)")
@@ -145,11 +149,16 @@ def run_calibrate(args: Any) -> int:
     except (ProfileError, CalibrationError, ValueError, OSError) as e:
         report_error(str(e))
         return 2
+    stretch = profile.latency_model.prefill_contention_
+    console.print(f"prefill beside a running decode: x(1 + {stretch:.3f} x decode SMs / all SMs)"
+                  + "".join(f"; on {p} SMs {profile.latency_model.prefill_stretch(p):.3f}x"
+                            for p in profile.split_sms[-2:]))
     console.print(overhead_table(overhead, f"{profile.model['name']}: step cycle = scale x predicted + fixed + "
                                            f"per_seq x rows ({sum(map(len, logs))} steps; {source})"))
     console.print(fidelity_table(step_fidelity(logs, profile.latency_model, overhead),
                                  "Engine steps, predicted against measured (the steps just fitted)"))
     profile.step_overhead = overhead
     profile.save(args.profile)
-    console.print(f"wrote step_overhead into {args.profile}; simulate, tune and plan now include it")
+    console.print(f"wrote step_overhead and prefill_contention into {args.profile}; simulate, tune and plan now "
+                  "include them")
     return 0

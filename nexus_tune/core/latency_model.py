@@ -44,9 +44,16 @@ more of its time is compute (a shared L2 and the clock under a power limit slow 
 stretching memory alone missed the 20-SM side by 18% (llama-3.1-8b), stretching both by 10% at most.
 Memory-bound attention weighs in through its own gamma. The work features, not the fitted memory
 coefficients, set u_k: a compute-bound prefill leaves its memory coefficients unidentified, and the
-contention fit must not inherit that. A decode running beside a prefill slows the prefill as well
-(13-19% on the H200, docs/performance.md); that is not modelled here yet, so the calibrated step
-overhead of the two-loop prefill steps carries it.
+contention fit must not inherit that.
+
+A decode running beside a prefill slows the prefill as well, more when it holds more SMs (H200, both
+models: 1.18x on 104 SMs beside a 28-SM decode, 1.14x on 112 beside 20, 0.99-1.04x alone;
+docs/performance.md). A prefill step beside a running decode is stretched by
+
+    1 + prefill_contention * decode SMs / total SMs
+
+`prefill_contention_` is fitted by `nexus-tune calibrate` from the engine's two-loop prefill steps
+(core/overhead.py `fit_prefill_contention`): the profiler does not time prefill beside a decode.
 
 Fitted parameters are plain attributes (`classes_`, `overhead_ms_`, `contention_`) that round-trip
 through `to_dict`/`from_dict`; `update` keeps an online correction per phase (`corrections_`):
@@ -538,6 +545,7 @@ class LatencyModel:
         self.classes_: dict[str, dict[str, OpClass]] = {}
         self.overhead_ms_: dict[str, float] = {}
         self.contention_: dict[str, float] = dict.fromkeys(_CONTENTION_TERMS, 0.0)
+        self.prefill_contention_ = 0.0  # calibrated from engine steps, not fitted from samples (docstring)
         self.corrections_: dict[str, Correction] = {p: Correction() for p in PHASES}
 
     def fresh(self) -> LatencyModel:
@@ -611,20 +619,30 @@ class LatencyModel:
         terms = self._pressure_terms(sms, prefill_tokens, prefill_kv)
         return 1.0 + sum(self.contention_[k] * t for k, t in zip(_CONTENTION_TERMS, terms))
 
+    def prefill_stretch(self, sms: int) -> float:
+        """A prefill step on `sms` SMs beside a decode running on the rest, over the same step alone."""
+        return 1.0 + self.prefill_contention_ * (self.total_sms - sms) / self.total_sms
+
     def curve_ms(self, phase: str, size: float, kv: float, sms: int, prefill_tokens: float = 0,
-                 prefill_kv: float = 0) -> float:
+                 prefill_kv: float = 0, beside_decode: bool = False) -> float:
         """The fitted curve without the online correction (decode: slowed by a prefill of
-        `prefill_tokens` on the other SMs). It changes only with a refit: cache it, then `correct`."""
+        `prefill_tokens` on the other SMs; prefill: by a decode beside it). It changes only with a
+        refit: cache it, then `correct`."""
         self._check(phase, sms, size, kv)
-        stretch = self._stretch(sms, prefill_tokens, prefill_kv) if phase == "decode" else 1.0
+        if phase == "decode":
+            stretch = self._stretch(sms, prefill_tokens, prefill_kv)
+        else:
+            stretch = self.prefill_stretch(sms) if beside_decode else 1.0
         return self._base_ms(phase, size, kv, sms, stretch)
 
     def correct(self, phase: str, curve_ms: float, size: float) -> float:
         """A curve prediction of a step of `size` (tokens or sequences) under the online correction."""
         return self.corrections_[phase].apply(curve_ms, size)
 
-    def predict_prefill(self, tokens: float, kv_prefix: float, sms: int) -> float:
-        return self.correct("prefill", self.curve_ms("prefill", tokens, kv_prefix, sms), tokens)
+    def predict_prefill(self, tokens: float, kv_prefix: float, sms: int, beside_decode: bool = False) -> float:
+        """Prefill step on `sms` SMs; with beside_decode, while a decode runs on the rest."""
+        return self.correct("prefill", self.curve_ms("prefill", tokens, kv_prefix, sms, beside_decode=beside_decode),
+                            tokens)
 
     def predict_decode(self, batch: float, kv_tokens: float, sms: int,
                        prefill_tokens: float = 0, prefill_kv: float = 0) -> float:
@@ -679,17 +697,17 @@ class LatencyModel:
 
     # -- online correction ---------------------------------------------------------------------
     def update(self, phase: str, size: float, kv: float, sms: int, observed_ms: float,
-               prefill_tokens: float = 0, prefill_kv: float = 0) -> float:
+               prefill_tokens: float = 0, prefill_kv: float = 0, beside_decode: bool = False) -> float:
         """Fit one measured step into the phase's correction (module docstring); returns what the
         model predicted for it before (the step log's "predicted" beside the observed).
 
         `observed_ms`: the step's GPU time, from events around its launch (host work is the
         profile's StepOverhead, not this). Decode: `prefill_tokens`/`prefill_kv` of the prefill
-        running on the other SMs when it launched.
+        running on the other SMs when it launched; prefill: whether a decode ran beside it.
         """
         if not (observed_ms > 0 and math.isfinite(observed_ms)):
             raise ValueError(f"observed_ms must be a positive finite number, not {observed_ms!r}")
-        curve = self.curve_ms(phase, size, kv, sms, prefill_tokens, prefill_kv)
+        curve = self.curve_ms(phase, size, kv, sms, prefill_tokens, prefill_kv, beside_decode)
         predicted = self.correct(phase, curve, size)
         self.corrections_[phase].add(curve, size, observed_ms)
         return predicted
@@ -718,6 +736,7 @@ class LatencyModel:
             "classes": {p: {c: asdict(op) for c, op in cl.items()} for p, cl in self.classes_.items()},
             "overhead_ms": dict(self.overhead_ms_),
             "contention": dict(self.contention_),
+            "prefill_contention": self.prefill_contention_,
             "corrections": {p: c.to_dict() for p, c in self.corrections_.items()},
         }
 
@@ -730,5 +749,6 @@ class LatencyModel:
                 raise ValueError(f"latency model lacks the {phase} operator classes {CLASSES}")
         m.overhead_ms_ = {p: float(v) for p, v in d["overhead_ms"].items()}
         m.contention_ = {k: float(d["contention"][k]) for k in _CONTENTION_TERMS}
+        m.prefill_contention_ = float(d.get("prefill_contention", 0.0))  # absent before calibrate fitted it
         m.corrections_ = {p: Correction.from_dict(d["corrections"].get(p, {})) for p in PHASES}
         return m

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import least_squares, nnls
 
 from nexus_tune.core.latency_model import Correction, LatencyModel, chunk_prefix
 
@@ -45,11 +45,13 @@ def step_key(loop: str, kind: str) -> str:
 
 
 def step_gpu_ms(model: LatencyModel, kind: str, sms: int, prefill_tokens: int = 0, prefill_kv: int = 0,
-                decode_seqs: int = 0, decode_kv: int = 0, beside_prefill: int = 0, beside_prefill_kv: int = 0) -> float:
+                decode_seqs: int = 0, decode_kv: int = 0, beside_prefill: int = 0, beside_prefill_kv: int = 0,
+                beside_decode: int = 0) -> float:
     """The profile's kernel time of one engine step: kind prefill | decode | mixed (a chunked step);
-    a decode step of the two-loop policies runs beside a prefill of `beside_prefill` tokens."""
+    a decode step of the two-loop policies runs beside a prefill of `beside_prefill` tokens, a prefill
+    step beside `beside_decode` decoding sequences."""
     if kind == "prefill":
-        return model.predict_prefill(prefill_tokens, prefill_kv, sms)
+        return model.predict_prefill(prefill_tokens, prefill_kv, sms, beside_decode > 0)
     if kind == "decode":
         return model.predict_decode(decode_seqs, decode_kv, sms, beside_prefill, beside_prefill_kv)
     return model.predict_mixed(prefill_tokens, prefill_kv, decode_seqs, decode_kv, sms)
@@ -64,17 +66,54 @@ def record_prefix(record: Mapping[str, Any]) -> int:
 
 
 def predicted_gpu_ms(record: Mapping[str, Any], model: LatencyModel) -> float:
-    """step_gpu_ms of a step record (a dict of engine.loops.StepRecord's fields)."""
+    """step_gpu_ms of a step record (a dict of engine.loops.StepRecord's fields; with_beside_decode
+    fills in `beside_decode` for logs saved before the prefill loop recorded it)."""
     return step_gpu_ms(model, record["kind"], record["sms"], record["prefill_tokens"], record_prefix(record),
                        record["decode_seqs"], record["decode_kv"], record["beside_prefill"],
-                       record["beside_prefill_kv"])
+                       record["beside_prefill_kv"], record.get("beside_decode", 0))
 
 
-def _cycles(step_logs: Iterable[Iterable[Mapping[str, Any]]]) -> list[tuple[Mapping[str, Any], float]]:
+def with_beside_decode(log: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One run's step records, each prefill-loop step that lacks `beside_decode` (logs saved before the
+    loop recorded it) given 1 where the decode loop's steps cover over half of its span, else 0."""
+    log = list(log)
+    decode = [(r["start_ms"], r["end_ms"]) for r in log
+              if r["loop"] == "decode" and r.get("start_ms") is not None and r.get("end_ms") is not None]
+
+    def covered(r: Mapping[str, Any]) -> float:
+        start, end = r["start_ms"], r["end_ms"]
+        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in decode) / max(end - start, 1e-9)
+
+    return [dict(r, beside_decode=int(covered(r) > 0.5))
+            if r["loop"] == "prefill" and "beside_decode" not in r and r.get("end_ms") is not None else r
+            for r in log]
+
+
+def fit_prefill_contention(step_logs: Iterable[Iterable[Mapping[str, Any]]], model: LatencyModel) -> float:
+    """LatencyModel.prefill_contention_ from the two-loop prefill steps of `step_logs` that ran beside a
+    decode: least squares of log(GPU time / the profile's prefill alone) = log(1 + c * decode SMs / all
+    SMs). The profile is taken as right about prefill alone (H200: those steps ran 0.99-1.04x it); what
+    is left, either way, is StepOverhead's to fit. 0 when no step ran beside a decode."""
+    share, log_ratio = [], []
+    for log in step_logs:
+        for r in with_beside_decode(log):
+            if (r["loop"] == "prefill" and r["kind"] == "prefill" and r["beside_decode"] and r.get("gpu_ms")
+                    and not r.get("failed") and r["sms"] < model.total_sms):
+                alone = model.predict_prefill(r["prefill_tokens"], record_prefix(r), r["sms"])
+                share.append((model.total_sms - r["sms"]) / model.total_sms)
+                log_ratio.append(math.log(r["gpu_ms"] / alone))
+    if not share:
+        return 0.0
+    x, y = np.array(share), np.array(log_ratio)
+    fit = least_squares(lambda c: np.log1p(c[0] * x) - y, [0.5], bounds=([0.0], [10.0]))
+    return float(fit.x[0])
+
+
+def step_cycles(step_logs: Iterable[Iterable[Mapping[str, Any]]]) -> list[tuple[Mapping[str, Any], float]]:
     """(record, measured cycle ms) for every usable step: GPU span plus the gap to its loop's next step.
     Each step log is one run of one engine: its times share one clock, another run's do not."""
     gaps: dict[str, list[tuple[Mapping[str, Any], float]]] = {}
-    for log in step_logs:
+    for log in map(with_beside_decode, step_logs):
         by_loop: dict[str, list[Mapping[str, Any]]] = {}
         for r in log:
             if r.get("gpu_ms") is not None and r.get("start_ms") is not None and not r.get("failed"):
@@ -107,7 +146,7 @@ class StepOverhead:
             min_steps: int = 30) -> StepOverhead:
         """Fit on `step_logs`: one list of step records (engine.loops.StepRecord fields) per engine run."""
         rows: dict[str, list[tuple[float, int, float]]] = {}
-        for r, cycle in _cycles(step_logs):
+        for r, cycle in step_cycles(step_logs):
             rows.setdefault(step_key(r["loop"], r["kind"]), []).append(
                 (predicted_gpu_ms(r, model), r["num_seqs"], cycle))
         self.terms, self.fit_error = {}, {}
@@ -159,7 +198,7 @@ def step_fidelity(step_logs: Iterable[Iterable[Mapping[str, Any]]], model: Laten
     what the simulator runs on), each as _error_stats."""
     overhead = overhead or StepOverhead()
     rows: dict[str, list[tuple[float, float, float, float]]] = {}
-    for r, cycle in _cycles(step_logs):
+    for r, cycle in step_cycles(step_logs):
         key = step_key(r["loop"], r["kind"])
         gpu = predicted_gpu_ms(r, model)
         rows.setdefault(key, []).append((gpu, r["gpu_ms"], overhead.predict(key, gpu, r["num_seqs"]), cycle))
@@ -217,8 +256,8 @@ class StepTimes:
         self.recent_decode_ms_: float | None = None
 
     def curve_ms(self, phase: str, size: float, kv: float, sms: int, prefill_tokens: float = 0,
-                 prefill_kv: float = 0) -> float:
-        return self.model.curve_ms(phase, size, kv, sms, prefill_tokens, prefill_kv)
+                 prefill_kv: float = 0, beside_decode: bool = False) -> float:
+        return self.model.curve_ms(phase, size, kv, sms, prefill_tokens, prefill_kv, beside_decode)
 
     def cycle_ms(self, phase: str, curve_ms: float, size: float) -> float:
         """A loop's cycle for a step of `size` (prefill: tokens; decode: sequences) whose curve
@@ -231,8 +270,9 @@ class StepTimes:
         the controller plans chunks, not prompts)."""
         return self.overhead.predict(TWO_LOOP_KEYS[phase], kernel_ms, 1 if phase == "prefill" else size)
 
-    def predict_prefill(self, tokens: float, kv_prefix: float, sms: int) -> float:
-        return self.cycle_ms("prefill", self.curve_ms("prefill", tokens, kv_prefix, sms), tokens)
+    def predict_prefill(self, tokens: float, kv_prefix: float, sms: int, beside_decode: bool = False) -> float:
+        return self.cycle_ms("prefill", self.curve_ms("prefill", tokens, kv_prefix, sms, beside_decode=beside_decode),
+                             tokens)
 
     def predict_decode(self, batch: float, kv_tokens: float, sms: int, prefill_tokens: float = 0,
                        prefill_kv: float = 0) -> float:
@@ -240,14 +280,14 @@ class StepTimes:
                              batch)
 
     def update(self, phase: str, size: float, kv: float, sms: int, observed_ms: float, prefill_tokens: float = 0,
-               prefill_kv: float = 0, cycle_ms: float | None = None) -> float:
+               prefill_kv: float = 0, cycle_ms: float | None = None, beside_decode: bool = False) -> float:
         """LatencyModel.update with the step's kernel time `observed_ms` (returns the kernel time it
         predicted). `cycle_ms`: the loop's whole cycle for the step (its schedule call to the end of
         its bookkeeping), when the loop measures it: the host work beyond the profile's StepOverhead
         is then learned too, and the TBT guard watches real cycles rather than predicted host work."""
         if cycle_ms is not None and not (cycle_ms > 0 and math.isfinite(cycle_ms)):
             raise ValueError(f"cycle_ms must be a positive finite number, not {cycle_ms!r}")
-        predicted = self.model.update(phase, size, kv, sms, observed_ms, prefill_tokens, prefill_kv)
+        predicted = self.model.update(phase, size, kv, sms, observed_ms, prefill_tokens, prefill_kv, beside_decode)
         host = self._host(phase, observed_ms, size)
         if cycle_ms is not None:
             self.cycle_corrections_[phase].add(host, size, cycle_ms)

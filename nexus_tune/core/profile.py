@@ -203,10 +203,12 @@ class Profile:
         """This profile with its latency model refitted from its samples as the profiler fits them (no
         GPU): fit_error and cross_validation recomputed, everything else kept. attention_heads: the
         model's query heads (prefill attention's waves), default the model's own setting.
-        step_overhead stays as fitted against the previous model (calibrate --from-runs redoes it)."""
+        step_overhead and the model's prefill_contention_ stay as calibrated against the previous model
+        (calibrate --from-runs redoes them)."""
         old = self.latency_model
         setup = LatencyModel(old.total_sms, old.split_sms, attention_heads or old.attention_heads)
         model, fit_error, cv = fit_latency_model(setup, self.samples, folds, seed)
+        model.prefill_contention_ = old.prefill_contention_  # calibrated from engine steps, as step_overhead
         return replace(self, latency_model=model, fit_error=fit_error, cross_validation=cv, refitted=_now())
 
     def with_samples_of(self, others: Sequence[Profile]) -> Profile:

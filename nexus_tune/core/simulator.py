@@ -4,7 +4,7 @@ It drives `scheduler.Scheduler` exactly as the engine's loops do: the two-loop p
 static:N) run a prefill loop and a decode loop side by side, each launching its next step as soon
 as its previous one ends and the scheduler gives it a batch; the single-loop policies run one
 step at a time on the whole GPU. Step durations come from the profile's `LatencyModel`:
-- prefill batch: `predict_prefill(tokens, prefix tokens, sms)`;
+- prefill batch: `predict_prefill(tokens, prefix tokens, sms)`, slowed when the decode loop runs beside it;
 - decode batch: `predict_decode(batch, kv, sms)`, with the in-flight prefill's (tokens, prefix)
   as contention when one runs at launch time (the duration is fixed at launch);
 - chunked's mixed batch: its tokens as one prefill on the whole GPU plus what the decode
@@ -182,24 +182,23 @@ class _Simulation:
             self.splits.append((self.now, self.sched.split))
 
     def _launch_two_loops(self) -> None:
-        if self.prefill_busy is None:
-            batch = self.sched.schedule_prefill(self.now)
-            if batch is not None:
-                ms, seen = self._step_ms("prefill", batch.sms, prefill=batch)
-                self.prefill_busy = batch
-                self._push(self.now + ms * 1e-3, _PREFILL_DONE, (batch, seen))
-        if not self.decode_busy:
-            batch = self.sched.schedule_decode(self.now)
-            if batch is not None:
-                ms, seen = self._step_ms("decode", batch.sms, decode=batch, beside=self.prefill_busy)
-                self.decode_busy = True
-                self._push(self.now + ms * 1e-3, _DECODE_DONE, (batch, seen))
+        prefill = self.sched.schedule_prefill(self.now) if self.prefill_busy is None else None
+        decode = self.sched.schedule_decode(self.now) if not self.decode_busy else None
+        if prefill is not None:  # priced beside the decode that runs with it (one now, or one launched now)
+            ms, seen = self._step_ms("prefill", prefill.sms, prefill=prefill,
+                                     beside_decode=len(decode.seqs) if decode is not None else int(self.decode_busy))
+            self.prefill_busy = prefill
+            self._push(self.now + ms * 1e-3, _PREFILL_DONE, (prefill, seen))
+        if decode is not None:
+            ms, seen = self._step_ms("decode", decode.sms, decode=decode, beside=self.prefill_busy)
+            self.decode_busy = True
+            self._push(self.now + ms * 1e-3, _DECODE_DONE, (decode, seen))
 
     def _observe(self, seen: tuple) -> None:
         """What the engine's loops feed the controller after a step: its kernel time and its cycle."""
         if self.times is not None:
-            *step, cycle_ms = seen
-            self.times.update(*step, cycle_ms=cycle_ms)
+            *step, beside_decode, cycle_ms = seen
+            self.times.update(*step, cycle_ms=cycle_ms, beside_decode=beside_decode > 0)
 
     def _launch_single_loop(self) -> None:
         if self.sched.policy == "chunked":
@@ -216,17 +215,19 @@ class _Simulation:
             self._push(self.now + ms * 1e-3, _STEP_DONE, batch)
 
     def _step_ms(self, loop: str, sms: int, prefill: PrefillBatch | None = None, decode: DecodeBatch | None = None,
-                 beside: PrefillBatch | None = None) -> tuple[float, tuple]:
+                 beside: PrefillBatch | None = None, beside_decode: int = 0) -> tuple[float, tuple]:
         """A step's time on `loop` (nexus_tune/engine/loops.py's names): the kernel time, plus the engine's
         overhead for that loop and step kind when the profile holds one; and the step as the
-        engine reports it to the controller (StepTimes.update's arguments, the cycle last)."""
+        engine reports it to the controller (StepTimes.update's arguments, then the decode sequences
+        beside a prefill step, the cycle last). `beside`: the prefill beside a decode step;
+        `beside_decode`: the sequences decoding beside a prefill step."""
         kind = "decode" if prefill is None else "prefill" if decode is None else "mixed"
         p_t, p_kv = (prefill.num_tokens, prefill.priced_prefix) if prefill is not None else (0, 0)
         d_n, d_kv = (len(decode.seqs), decode.kv_tokens) if decode is not None else (0, 0)
         b_t, b_kv = (beside.num_tokens, beside.priced_prefix) if beside is not None else (0, 0)
-        gpu_ms = step_gpu_ms(self.model, kind, sms, p_t, p_kv, d_n, d_kv, b_t, b_kv)
+        gpu_ms = step_gpu_ms(self.model, kind, sms, p_t, p_kv, d_n, d_kv, b_t, b_kv, beside_decode)
         seqs = d_n + (len(prefill.seqs) if prefill is not None else 0)
         ms = gpu_ms if self.overhead is None else self.overhead.predict(f"{loop}/{kind}", gpu_ms, seqs)
         seen = (("prefill", p_t, p_kv, sms, gpu_ms, 0, 0) if kind == "prefill"
                 else ("decode", d_n, d_kv, sms, gpu_ms, b_t, b_kv))
-        return ms, (*seen, ms)
+        return ms, (*seen, beside_decode, ms)

@@ -146,6 +146,7 @@ class StepRecord:
     cycle_ms: float | None = None  # the loop's wall time per step: the previous step's end (or this one's
     # schedule call, after idling) to the end of this one's bookkeeping
     predicted_ms: float | None = None  # nexus: the kernel time the latency model expected, before this step
+    beside_decode: int = 0  # prefill steps of two-loop policies: sequences the decode loop was running at launch
 
 
 class StepLog:
@@ -377,8 +378,10 @@ class LoopContext:
     step_log: StepLog | None = None
     latency_model: Any = None  # nexus: fed every step's measured time (LatencyModel.update)
     split_switches: int = 0
-    # Two-loop policies: the prefill in flight (tokens, prefix).
+    # Two-loop policies: the prefill in flight (tokens, prefix), and the sequences the decode loop runs
+    # (0 while it idles).
     prefill_load: tuple[int, int] = (0, 0)
+    decode_load: int = 0
     _last_split: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -422,7 +425,8 @@ class LoopContext:
             prefill_tokens=prefill.num_tokens if prefill else 0, prefill_kv=prefill.prefix_tokens if prefill else 0,
             prefill_pairs=prefill.attention_pairs if prefill else 0,
             decode_seqs=len(decode.seqs) if decode else 0, decode_kv=decode.kv_tokens if decode else 0,
-            beside_prefill=step.beside[0], beside_prefill_kv=step.beside[1], sched_ms=step.sched_ms,
+            beside_prefill=step.beside[0], beside_prefill_kv=step.beside[1], beside_decode=step.beside_decode,
+            sched_ms=step.sched_ms,
             host_ms=launched.host_ms, failed=bool(launched.failed), cycle_ms=cycle_ms)
         if launched.end is None:
             rec.gpu_ms = launched.host_ms  # a CPU: the step ran inside the host call
@@ -441,7 +445,7 @@ class LoopContext:
         beside = (rec.beside_prefill, rec.beside_prefill_kv) if decode else (0, 0)
         try:
             rec.predicted_ms = self.latency_model.update(rec.kind, size, kv, rec.sms, rec.gpu_ms, *beside,
-                                                         cycle_ms=rec.cycle_ms)
+                                                         cycle_ms=rec.cycle_ms, beside_decode=rec.beside_decode > 0)
         except ValueError as exc:  # e.g. a step too short to time: skip it
             log.debug("latency model update skipped: %s", exc)
 
@@ -460,6 +464,7 @@ class _Step:
     beside: tuple[int, int]  # two-loop decode: the prefill in flight at launch (tokens, prefix)
     launched: _Launch
     scheduled_s: float = 0.0  # when the loop asked for its batch (perf_counter)
+    beside_decode: int = 0  # two-loop prefill: the sequences the decode loop ran at launch
 
     @property
     def kind(self) -> str:
@@ -529,7 +534,7 @@ class Loop(threading.Thread):
         raise NotImplementedError
 
     def _launch(self, prefill: PrefillBatch | None, decode: DecodeBatch | None, sms: int, sched_ms: float,
-                beside: tuple[int, int] = (0, 0)) -> _Step:
+                beside: tuple[int, int] = (0, 0), beside_decode: int = 0) -> _Step:
         """Decode rows first, then prompt chunks; a decode-only step replays the decode graphs."""
         place = self.ctx.placement
         rows = (_decode_rows(decode, self.steps.on_device) if decode else []) + \
@@ -537,7 +542,7 @@ class Loop(threading.Thread):
         phase = "decode" if prefill is None else "prefill"
         key = place.key(sms) if place.cuda else None
         launched = self.steps.launch(rows, phase, place.stream(phase, sms), key)
-        return _Step(self.role, prefill, decode, sms, sched_ms, beside, launched)
+        return _Step(self.role, prefill, decode, sms, sched_ms, beside, launched, beside_decode=beside_decode)
 
     def finish(self, step: _Step) -> None:
         """The step's tokens to the sink, its batches finished in the scheduler, its record."""
@@ -574,7 +579,7 @@ class PrefillLoop(Loop):
 
     def launch(self, batch: PrefillBatch, sched_ms: float) -> _Step:
         self.ctx.prefill_load = (batch.num_tokens, batch.priced_prefix)
-        return self._launch(batch, None, self._sms(batch), sched_ms)
+        return self._launch(batch, None, self._sms(batch), sched_ms, beside_decode=self.ctx.decode_load)
 
     def finish(self, step: _Step) -> None:
         try:
@@ -589,9 +594,13 @@ class DecodeLoop(Loop):
     role = "decode"
 
     def schedule(self, now: float) -> DecodeBatch | None:
-        return self.ctx.scheduler.schedule_decode(now)
+        batch = self.ctx.scheduler.schedule_decode(now)
+        if batch is None:
+            self.ctx.decode_load = 0
+        return batch
 
     def launch(self, batch: DecodeBatch, sched_ms: float) -> _Step:
+        self.ctx.decode_load = len(batch.seqs)
         return self._launch(None, batch, self._sms(batch), sched_ms, beside=self.ctx.prefill_load)
 
 
