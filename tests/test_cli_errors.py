@@ -94,6 +94,7 @@ CASES: list[tuple[str, str]] = [
     ("profile refit {P} --folds x", "is not a number of folds >= 2"),
     ("profile refit {P} --attention-heads 0", NO_INT),
     ("profile refit {P} --out {dir}", "is a folder, not a file"),
+    ("profile refit {P} --add-samples {dir}/missing.json", "no profile at"),
     # -- calibrate
     ("calibrate", "the following arguments are required: --profile"),
     ("calibrate --profile {dir}/missing.json --from-runs {dir}", "no profile at"),

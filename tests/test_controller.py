@@ -324,6 +324,14 @@ def test_explain_reports_the_split_and_its_predicted_steps():
     assert why["predicted_decode_ms"] == pytest.approx(MODEL.predict_decode(32, 32 * 1500, TOTAL - p, 2048, 0))
     c.decide(StepState())  # nothing to prefill: decode alone on the whole GPU
     assert c.explain()["predicted_prefill_ms"] is None
+    # With the prefill stretch calibrated, the prefill beside the decode batch is reported stretched.
+    slowed = LatencyModel.from_dict(MODEL.to_dict())
+    slowed.prefill_contention_ = 0.9
+    c = Controller(slowed, SPLITS, TOTAL, ControllerKnobs())
+    p = c.decide(s)
+    assert 0 < p < TOTAL
+    assert c.explain()["predicted_prefill_ms"] == pytest.approx(slowed.predict_prefill(2048, 0, p, beside_decode=True))
+    assert c.explain()["predicted_prefill_ms"] > MODEL.predict_prefill(2048, 0, p)
 
 
 # -- knobs derived from the profile and the SLOs -------------------------------------------------

@@ -76,7 +76,7 @@ class LatencyPredictor(Protocol):
     """Step times in milliseconds: `latency_model.LatencyModel` (kernel time) or `overhead.StepTimes`
     (a loop's cycle); the controller takes either."""
 
-    def predict_prefill(self, tokens: int, kv_prefix: int, sms: int) -> float: ...
+    def predict_prefill(self, tokens: int, kv_prefix: int, sms: int, beside_decode: bool = False) -> float: ...
 
     def predict_decode(self, batch: int, kv_tokens: int, sms: int, prefill_tokens: int = 0,
                        prefill_kv: int = 0) -> float: ...
@@ -266,7 +266,8 @@ class Controller:
         s, p, times = self._last_state, self.current, self.times
         decode_sms = self.total_sms - p if p else self.total_sms
         contended = 0 < p < self.total_sms
-        prefill = (times.predict_prefill(max(s.prefill_tokens, 1), s.prefill_kv, p)
+        prefill = (times.predict_prefill(max(s.prefill_tokens, 1), s.prefill_kv, p,
+                                         beside_decode=contended and s.decode_batch > 0)
                    if p and s.queued_prefill_tokens > 0 else None)
         decode = (times.predict_decode(s.decode_batch, s.decode_kv, decode_sms, *(
             (max(s.prefill_tokens, 1), s.prefill_kv) if contended else (0, 0)))

@@ -53,7 +53,9 @@ docs/performance.md). A prefill step beside a running decode is stretched by
     1 + prefill_contention * decode SMs / total SMs
 
 `prefill_contention_` is fitted by `nexus-tune calibrate` from the engine's two-loop prefill steps
-(core/overhead.py `fit_prefill_contention`): the profiler does not time prefill beside a decode.
+(core/overhead.py `fit_prefill_contention`): the profiler does not time prefill beside a decode. A
+prefill on every SM (the time-sharing backend, where both phases share all SMs) is not stretched: no
+such steps were measured.
 
 Fitted parameters are plain attributes (`classes_`, `overhead_ms_`, `contention_`) that round-trip
 through `to_dict`/`from_dict`; `update` keeps an online correction per phase (`corrections_`):
