@@ -218,7 +218,10 @@ def test_report_writes_the_tables_and_plots(eval_out, tmp_path):
 def test_saved_steps_calibrate_the_profile_and_the_simulator_replays_the_runs(eval_out, tiny_profile, tmp_path):
     profile = tmp_path / "tiny.json"
     profile.write_bytes(tiny_profile.read_bytes())
-    assert cli.main(["calibrate", "--profile", str(profile), "--from-runs", str(eval_out), "--min-steps", "5"]) == 0
+    plot = tmp_path / "steps.png"
+    assert cli.main(["calibrate", "--profile", str(profile), "--from-runs", str(eval_out), "--min-steps", "5",
+                     "--plot", str(plot)]) == 0
+    assert plot.stat().st_size > 0
     overhead = Profile.load(profile).step_overhead
     assert overhead.terms and set(overhead.terms) <= {"decode/decode", "prefill/prefill", "mixed/decode",
                                                       "mixed/mixed", "mixed/prefill"}

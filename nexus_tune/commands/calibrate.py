@@ -23,8 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nexus_tune.core.overhead import (StepOverhead, fidelity_table, fit_prefill_contention, overhead_table,
-                                      step_fidelity)
+from nexus_tune.commands.reporting import plot_step_fidelity
+from nexus_tune.core.overhead import (FIDELITY_WITHIN, StepOverhead, fidelity_table, fit_prefill_contention,
+                                      overhead_table, step_fidelity, step_predictions)
 from nexus_tune.core.profile import Profile
 
 RECORDS_FILE = "calibration-steps.json"
@@ -157,6 +158,9 @@ def run_calibrate(args: Any) -> int:
                                            f"per_seq x rows ({sum(map(len, logs))} steps; {source})"))
     console.print(fidelity_table(step_fidelity(logs, profile.latency_model, overhead),
                                  "Engine steps, predicted against measured (the steps just fitted)"))
+    if args.plot:
+        plot_step_fidelity(step_predictions(logs, profile.latency_model, overhead), args.plot, FIDELITY_WITHIN)
+        console.print(f"plot written to {args.plot}")
     profile.step_overhead = overhead
     profile.save(args.profile)
     console.print(f"wrote step_overhead and prefill_contention into {args.profile}; simulate, tune and plan now "

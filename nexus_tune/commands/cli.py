@@ -171,6 +171,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="a step kind with fewer keeps the bare prediction")
     p.add_argument("--device", type=torch_device, default="cuda", help="cuda, or cpu (tiny presets, tests)")
     p.add_argument("--out", default="out/calibration", help="folder for the step records")
+    p.add_argument("--plot", type=output_file, help="write measured against predicted step cycles, per step kind, to this PNG")
     p.set_defaults(handler="nexus_tune.commands.calibrate:run_calibrate")
 
     # -- serve -----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""What the commands show while they run and after: a progress bar, and latency against arrival
-rate per policy (bench --sweep, plan, tune).
+"""What the commands show while they run and after: a progress bar, latency against arrival rate
+per policy (bench --sweep, plan, tune), and engine steps measured against predicted (calibrate --plot).
 """
 from __future__ import annotations
 from pathlib import Path
+from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -33,6 +34,38 @@ def plot_latency_vs_rate(series: dict[str, list[tuple[float, dict]]], slos: dict
     axes[0].legend(fontsize="small")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def plot_step_fidelity(predictions: dict[str, Any], path: str, within: float) -> None:
+    """Measured against predicted loop cycles, one panel per step kind (log-log; the diagonal and the
+    band of +-`within` around it): what `calibrate` fitted, step by step."""
+    import math
+
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+    cols = min(3, len(predictions))
+    rows = math.ceil(len(predictions) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.8 * rows), layout="constrained")
+    for ax, (key, a) in zip(fig.subplots(rows, cols, squeeze=False).flat, predictions.items()):
+        predicted, measured = a[:, 2], a[:, 3]
+        lo, hi = min(predicted.min(), measured.min()), max(predicted.max(), measured.max())
+        line = [lo, hi]
+        ax.scatter(predicted, measured, s=4, alpha=0.3)
+        ax.plot(line, line, color="black", linewidth=1)
+        for factor in (1 - within, 1 + within):
+            ax.plot(line, [v * factor for v in line], color="black", linestyle=":", linewidth=1)
+        inside = float((abs(predicted - measured) / measured <= within).mean() * 100)  # as step_fidelity counts
+        ax.set(xscale="log", yscale="log", xlabel="predicted cycle (ms)", ylabel="measured cycle (ms)",
+               title=f"{key}: {len(a)} steps, {inside:.0f}% within {within:.0%}")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers, at 1-2-5 steps: every panel gets labels, none collide
+            axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(FormatStrFormatter("%g"))
+    for ax in list(fig.axes)[len(predictions):]:
+        ax.set_visible(False)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def progress_bar(console: Console) -> Progress:

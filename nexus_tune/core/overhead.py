@@ -191,23 +191,28 @@ def _error_stats(predicted: np.ndarray, measured: np.ndarray, within: float) -> 
             "p90_pct": 100 * float(np.percentile(np.abs(rel), 90)), "within_pct": 100 * float(np.mean(np.abs(rel) <= within))}
 
 
-def step_fidelity(step_logs: Iterable[Iterable[Mapping[str, Any]]], model: LatencyModel,
-                  overhead: StepOverhead | None = None, within: float = FIDELITY_WITHIN) -> dict[str, dict[str, Any]]:
-    """Predicted against measured engine steps, per step key: the step's GPU time against the latency
-    model's kernel time (`kernel`), and the loop's cycle against that time through `overhead` (`cycle`:
-    what the simulator runs on), each as _error_stats."""
+def step_predictions(step_logs: Iterable[Iterable[Mapping[str, Any]]], model: LatencyModel,
+                     overhead: StepOverhead | None = None) -> dict[str, np.ndarray]:
+    """Per step key, one row per step: (kernel time the latency model predicts, the step's GPU time,
+    the cycle predicted through `overhead`, the loop's measured cycle), in ms."""
     overhead = overhead or StepOverhead()
     rows: dict[str, list[tuple[float, float, float, float]]] = {}
     for r, cycle in step_cycles(step_logs):
         key = step_key(r["loop"], r["kind"])
         gpu = predicted_gpu_ms(r, model)
         rows.setdefault(key, []).append((gpu, r["gpu_ms"], overhead.predict(key, gpu, r["num_seqs"]), cycle))
-    out = {}
-    for key, data in sorted(rows.items()):
-        a = np.array(data, dtype=float)
-        out[key] = {"steps": len(a), "fitted": key in overhead.terms,
-                    "kernel": _error_stats(a[:, 0], a[:, 1], within), "cycle": _error_stats(a[:, 2], a[:, 3], within)}
-    return out
+    return {key: np.array(data, dtype=float) for key, data in sorted(rows.items())}
+
+
+def step_fidelity(step_logs: Iterable[Iterable[Mapping[str, Any]]], model: LatencyModel,
+                  overhead: StepOverhead | None = None, within: float = FIDELITY_WITHIN) -> dict[str, dict[str, Any]]:
+    """Predicted against measured engine steps, per step key: the step's GPU time against the latency
+    model's kernel time (`kernel`), and the loop's cycle against that time through `overhead` (`cycle`:
+    what the simulator runs on), each as _error_stats."""
+    overhead = overhead or StepOverhead()
+    return {key: {"steps": len(a), "fitted": key in overhead.terms,
+                  "kernel": _error_stats(a[:, 0], a[:, 1], within), "cycle": _error_stats(a[:, 2], a[:, 3], within)}
+            for key, a in step_predictions(step_logs, model, overhead).items()}
 
 
 def fidelity_table(fidelity: dict[str, dict[str, Any]], title: str, within: float = FIDELITY_WITHIN) -> Any:
