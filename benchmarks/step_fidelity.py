@@ -12,7 +12,7 @@ runs it was fitted on: in sample, as `calibrate` reports). With --split, a StepO
 on the first half of every run's steps and scored on the second half, which it never saw.
 
 A second table splits the two-loop policies' prefill steps by their side's SMs and by whether the
-decode loop ran beside them (core/overhead.py `with_beside_decode`): the profile times prefill alone, so
+decode loop ran beside them (core/overhead.py `prefill_slowdowns`): the profile times prefill alone, so
 the ratio measured / predicted alone shows what a running decode costs it. A third gives, per step kind,
 the loop's cycle beyond the step's GPU span, measured directly (StepOverhead's fixed term is a fit).
 """
@@ -32,8 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 from nexus_tune.commands.calibrate import saved_step_logs
-from nexus_tune.core.overhead import (StepOverhead, fidelity_table, record_prefix, step_cycles, step_fidelity,
-                                      step_key, with_beside_decode)
+from nexus_tune.core.overhead import (StepOverhead, fidelity_table, prefill_slowdowns, step_cycles, step_fidelity,
+                                      step_key)
 from nexus_tune.core.profile import Profile
 
 MIN_STEPS = 30  # as `nexus-tune calibrate` (--min-steps): a step kind with fewer keeps the bare prediction
@@ -59,13 +59,9 @@ def fidelity(profile: Profile, logs: list[list[dict[str, Any]]], split: bool) ->
 def prefill_beside_decode(profile: Profile, logs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per (prefill SMs, decode loop beside or idle): steps and the median of GPU time over the profile's
     prefill alone."""
-    model = profile.latency_model
     ratios: dict[tuple[int, str], list[float]] = defaultdict(list)
-    for log in map(with_beside_decode, logs):
-        for r in log:
-            if r["loop"] == "prefill" and r["kind"] == "prefill" and r.get("gpu_ms") and not r.get("failed"):
-                alone = model.predict_prefill(r["prefill_tokens"], record_prefix(r), r["sms"])
-                ratios[r["sms"], "beside" if r.get("beside_decode") else "idle"].append(r["gpu_ms"] / alone)
+    for r, slowdown in prefill_slowdowns(logs, profile.latency_model):
+        ratios[r["sms"], "beside" if r.get("beside_decode") else "idle"].append(slowdown)
     return [{"prefill_sms": sms, "decode_loop": state, "steps": len(v), "measured_over_profile": statistics.median(v)}
             for (sms, state), v in sorted(ratios.items())]
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from nexus_tune.commands.reporting import plot_step_fidelity
-from nexus_tune.core.overhead import (FIDELITY_WITHIN, StepOverhead, fidelity_table, fit_prefill_contention,
-                                      overhead_table, step_fidelity, step_predictions)
+from nexus_tune.core.overhead import (FIDELITY_WITHIN, StepOverhead, fidelity_of, fidelity_table,
+                                      fit_prefill_contention, overhead_table, step_predictions)
 from nexus_tune.core.profile import Profile
 
 RECORDS_FILE = "calibration-steps.json"
@@ -156,10 +156,11 @@ def run_calibrate(args: Any) -> int:
                             for p in profile.split_sms[-2:]))
     console.print(overhead_table(overhead, f"{profile.model['name']}: step cycle = scale x predicted + fixed + "
                                            f"per_seq x rows ({sum(map(len, logs))} steps; {source})"))
-    console.print(fidelity_table(step_fidelity(logs, profile.latency_model, overhead),
+    predictions = step_predictions(logs, profile.latency_model, overhead)
+    console.print(fidelity_table(fidelity_of(predictions, overhead),
                                  "Engine steps, predicted against measured (the steps just fitted)"))
     if args.plot:
-        plot_step_fidelity(step_predictions(logs, profile.latency_model, overhead), args.plot, FIDELITY_WITHIN)
+        plot_step_fidelity(predictions, args.plot, FIDELITY_WITHIN)
         console.print(f"plot written to {args.plot}")
     profile.step_overhead = overhead
     profile.save(args.profile)

@@ -25,9 +25,10 @@ writes it into the profile, where the simulator uses it.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,20 +74,40 @@ def predicted_gpu_ms(record: Mapping[str, Any], model: LatencyModel) -> float:
                        record["beside_prefill_kv"], record.get("beside_decode", 0))
 
 
+def _needs_beside_decode(r: Mapping[str, Any]) -> bool:
+    return r["loop"] == "prefill" and "beside_decode" not in r and r.get("end_ms") is not None
+
+
 def with_beside_decode(log: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """One run's step records, each prefill-loop step that lacks `beside_decode` (logs saved before the
     loop recorded it) given 1 where the decode loop's steps cover over half of its span, else 0."""
     log = list(log)
-    decode = [(r["start_ms"], r["end_ms"]) for r in log
-              if r["loop"] == "decode" and r.get("start_ms") is not None and r.get("end_ms") is not None]
+    if not any(map(_needs_beside_decode, log)):
+        return log
+    # One loop's steps follow each other on its stream: their spans are ordered and apart.
+    decode = sorted((r["start_ms"], r["end_ms"]) for r in log
+                    if r["loop"] == "decode" and r.get("start_ms") is not None and r.get("end_ms") is not None)
+    ends = [b for _, b in decode]
 
-    def covered(r: Mapping[str, Any]) -> float:
-        start, end = r["start_ms"], r["end_ms"]
-        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in decode) / max(end - start, 1e-9)
+    def covered(start: float, end: float) -> float:
+        total, i = 0.0, bisect.bisect_right(ends, start)  # the first decode step still running at `start`
+        while i < len(decode) and decode[i][0] < end:
+            total += min(end, decode[i][1]) - max(start, decode[i][0])
+            i += 1
+        return total / max(end - start, 1e-9)
 
-    return [dict(r, beside_decode=int(covered(r) > 0.5))
-            if r["loop"] == "prefill" and "beside_decode" not in r and r.get("end_ms") is not None else r
+    return [dict(r, beside_decode=int(covered(r["start_ms"], r["end_ms"]) > 0.5)) if _needs_beside_decode(r) else r
             for r in log]
+
+
+def prefill_slowdowns(step_logs: Iterable[Iterable[Mapping[str, Any]]], model: LatencyModel
+                      ) -> Iterator[tuple[Mapping[str, Any], float]]:
+    """Each timed two-loop prefill step (`beside_decode` filled in) and its GPU time over the profile's
+    prediction for it alone."""
+    for log in step_logs:
+        for r in with_beside_decode(log):
+            if r["loop"] == "prefill" and r["kind"] == "prefill" and r.get("gpu_ms") and not r.get("failed"):
+                yield r, r["gpu_ms"] / model.predict_prefill(r["prefill_tokens"], record_prefix(r), r["sms"])
 
 
 def fit_prefill_contention(step_logs: Iterable[Iterable[Mapping[str, Any]]], model: LatencyModel) -> float:
@@ -95,13 +116,10 @@ def fit_prefill_contention(step_logs: Iterable[Iterable[Mapping[str, Any]]], mod
     SMs). The profile is taken as right about prefill alone (H200: those steps ran 0.99-1.04x it); what
     is left, either way, is StepOverhead's to fit. 0 when no step ran beside a decode."""
     share, log_ratio = [], []
-    for log in step_logs:
-        for r in with_beside_decode(log):
-            if (r["loop"] == "prefill" and r["kind"] == "prefill" and r["beside_decode"] and r.get("gpu_ms")
-                    and not r.get("failed") and r["sms"] < model.total_sms):
-                alone = model.predict_prefill(r["prefill_tokens"], record_prefix(r), r["sms"])
-                share.append((model.total_sms - r["sms"]) / model.total_sms)
-                log_ratio.append(math.log(r["gpu_ms"] / alone))
+    for r, slowdown in prefill_slowdowns(step_logs, model):
+        if r.get("beside_decode") and r["sms"] < model.total_sms:
+            share.append((model.total_sms - r["sms"]) / model.total_sms)
+            log_ratio.append(math.log(slowdown))
     if not share:
         return 0.0
     x, y = np.array(share), np.array(log_ratio)
@@ -210,9 +228,15 @@ def step_fidelity(step_logs: Iterable[Iterable[Mapping[str, Any]]], model: Laten
     model's kernel time (`kernel`), and the loop's cycle against that time through `overhead` (`cycle`:
     what the simulator runs on), each as _error_stats."""
     overhead = overhead or StepOverhead()
+    return fidelity_of(step_predictions(step_logs, model, overhead), overhead, within)
+
+
+def fidelity_of(predictions: dict[str, np.ndarray], overhead: StepOverhead,
+                within: float = FIDELITY_WITHIN) -> dict[str, dict[str, Any]]:
+    """step_fidelity of step_predictions already made (with `overhead`)."""
     return {key: {"steps": len(a), "fitted": key in overhead.terms,
                   "kernel": _error_stats(a[:, 0], a[:, 1], within), "cycle": _error_stats(a[:, 2], a[:, 3], within)}
-            for key, a in step_predictions(step_logs, model, overhead).items()}
+            for key, a in predictions.items()}
 
 
 def fidelity_table(fidelity: dict[str, dict[str, Any]], title: str, within: float = FIDELITY_WITHIN) -> Any:
