@@ -46,7 +46,8 @@ def bench_model(core: EngineCore, model: str, kv: int) -> dict[str, Any]:
             steps[own] = {"replays": instead, "ms": fast, "own_graph_ms": slow}
             print(f"{model} side {key}: {own} seqs x {kv} KV replay bucket {instead}: {fast:.2f} ms, "
                   f"own graph {slow:.2f} ms ({slow / fast:.2f}x)", flush=True)
-        out["sides"][str(key)] = {"replay_ms": graphs.replay_ms[key], "replaced": replaced, "steps": steps}
+        out["sides"][str(key)] = {"replay_ms": graphs.replay_ms[key], "library_ms": graphs.library_ms[key],
+                                  "replaced": replaced, "steps": steps}
     return out
 
 

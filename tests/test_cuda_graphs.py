@@ -40,7 +40,7 @@ def test_graph_set_replays_the_quicker_larger_bucket():
         out[bucket] = x
 
     graphs = GraphSet("test", device, torch.cuda.get_device_properties(device).multi_processor_count,
-                      size_gemms=False, replay_fastest=True)
+                      size_gemms=False, quickest=True)
     graphs.capture(step, {"whole": (torch.cuda.Stream(device), None)}, [1, 2, 4, 8])
     assert graphs.replay_ms["whole"][2] > graphs.replay_ms["whole"][4]
     assert graphs.bucket("whole", 2) == 4 and graphs.bucket("whole", 3) == 4  # 8 is no quicker than 4

@@ -120,6 +120,24 @@ def test_decode_attention(q_heads, kv_heads, head_dim, block_size, seq_lens, num
         assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], n, scale)[0], dtype)
 
 
+def test_decode_attention_tickets_serve_many_launches_and_end_zero():
+    """One ticket buffer serves every layer of a step: each launch's last split merges and resets its
+    counters, so a second launch on the same buffer (other inputs) is as right as the first."""
+    gen = _gen(9)
+    seq_lens = [620, 3, 0, 130, 64]  # many splits, one split, empty
+    k_cache, v_cache, tables, lens = make_paged_kv(gen, seq_lens, 2, 32, 16, 40, torch.float32)
+    tickets = torch.zeros(len(seq_lens) * 2 + 3, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):
+        q = _randn(gen, len(seq_lens), 8, 32)
+        out = decode_attention(q, k_cache, v_cache, tables, lens, 32 ** -0.5, num_splits=16, tickets=tickets)
+        for b, n in enumerate(seq_lens):
+            assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], n, 32 ** -0.5)[0],
+                         torch.float32)
+        assert (tickets == 0).all()
+    with pytest.raises(ValueError, match="tickets"):
+        decode_attention(q, k_cache, v_cache, tables, lens, 0.1, tickets=tickets[:4])
+
+
 def test_decode_attention_attends_only_the_counted_rows_into_out():
     """With `num_rows` (a count on the device) and `out`, rows past the count are left as they were:
     the decode rows of a mixed step write their part of the prefill output and nothing else."""
@@ -419,6 +437,38 @@ def test_apply_rope(dtype):
     assert (k.cpu().double() - ref_k).abs().max().item() <= tol * ref_k.abs().max().item()
     v_start = (q_heads + kv_heads) * head_dim
     assert torch.equal(qkv[:, v_start:], before[:, v_start:])  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_writes_rotated_k_and_v_into_the_caches(dtype):
+    """The fused KV write: the caches hold what a rotation followed by store_kv would put there, the
+    padding row (slot -1) writes nothing, and q and k are rotated in place as without the caches."""
+    gen = _gen(10)
+    tokens, q_heads, kv_heads, head_dim, page = 5, 8, 2, 32, 4
+    qkv = _randn(gen, tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (x.view(tokens, -1, head_dim) for x in (q, k, v))
+    positions = torch.tensor([3, 0, 17, 9, 1], device=DEVICE)
+    slots = torch.tensor([13, 2, -1, 7, 0], device=DEVICE)
+    cos_sin = cos_sin_cache(32, head_dim)
+    ref_q, ref_k, v_before = ref_rope(q, positions, cos_sin), ref_rope(k, positions, cos_sin), v.clone()
+    k_cache = torch.full((4, page, kv_heads, head_dim), 5.0, device=DEVICE, dtype=dtype)
+    v_cache = torch.full_like(k_cache, 5.0)
+    apply_rope(q, k, positions, cos_sin.to(device=DEVICE, dtype=torch.float32), v=v, k_cache=k_cache,
+               v_cache=v_cache, slot_mapping=slots)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (q.cpu().double() - ref_q).abs().max().item() <= tol * ref_q.abs().max().item()
+    assert (k.cpu().double() - ref_k).abs().max().item() <= tol * ref_k.abs().max().item()
+    flat_k, flat_v = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat_k[slot], k[t]) and torch.equal(flat_v[slot], v_before[t])
+    written = {s for s in slots.tolist() if s >= 0}
+    untouched = [s for s in range(flat_k.shape[0]) if s not in written]
+    assert (flat_k[untouched] == 5.0).all() and (flat_v[untouched] == 5.0).all()
+    with pytest.raises(ValueError, match="slot_mapping"):
+        apply_rope(q, k, positions, cos_sin.to(device=DEVICE, dtype=torch.float32), v=v, k_cache=k_cache,
+                   v_cache=v_cache, slot_mapping=slots[:3])
 
 
 # The LM head of a few rows: odd M, N and K (masked tails), against a float64 product.

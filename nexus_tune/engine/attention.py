@@ -42,6 +42,15 @@ class AttentionMetadata:
     # Prefill on Triton: [1] int32, the count of leading single-token sequences (a chunked mixed step's
     # decode rows) that the tile map leaves out and the split-KV decode kernel attends instead.
     decode_rows: torch.Tensor | None = None
+    # Triton: the split-KV decode kernel's merge counters, zeroed once per step (the first layer's
+    # call makes them; a graph replays that as one memset) and left zero by every launch.
+    split_tickets: torch.Tensor | None = None
+
+    def tickets(self, kv_heads: int) -> torch.Tensor:
+        if self.split_tickets is None:
+            self.split_tickets = torch.zeros(self.seq_lens.shape[0] * kv_heads, dtype=torch.int32,
+                                             device=self.seq_lens.device)
+        return self.split_tickets
 
 
 @functools.cache
@@ -87,7 +96,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """q [B, Hq, D] (one new token per sequence) -> [B, Hq, D]."""
     if backend == "triton":
         return triton_kernels().decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                                 num_sms=meta.num_sms)
+                                                 num_sms=meta.num_sms, tickets=meta.tickets(k_cache.shape[2]))
     # Gather a fixed width (max_seq_len) and mask: no host sync, so this path is graph-capturable.
     k, v = _gather(k_cache, meta.block_tables, meta.max_seq_len), _gather(v_cache, meta.block_tables, meta.max_seq_len)
     keep = torch.arange(k.shape[1], device=q.device)[None, :] < meta.seq_lens[:, None]
@@ -109,7 +118,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
             # KV is split across the GPU (a chunk of 261 tokens beside 6 rows over 16k KV took 2x).
             rows = min(q.shape[0], meta.seq_lens.shape[0])
             kernels.decode_attention(q[:rows], k_cache, v_cache, meta.block_tables[:rows], meta.seq_lens[:rows],
-                                     scale, num_sms=meta.num_sms, num_rows=meta.decode_rows, out=out[:rows])
+                                     scale, num_sms=meta.num_sms, num_rows=meta.decode_rows, out=out[:rows],
+                                     tickets=meta.tickets(k_cache.shape[2]))
         return out
     out = torch.empty_like(q)
     cu, seq_lens = meta.cu_seqlens_q.tolist(), meta.seq_lens.tolist()  # reference path: syncs are fine

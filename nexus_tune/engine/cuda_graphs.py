@@ -16,6 +16,11 @@ it was captured, and capture happens once, at start-up, in one thread: `gemms_si
 target around each capture and restores the defaults after. Decode GEMMs (a few rows, bound by
 the weights' bytes) stay unsized: on the H200's 92-SM side the sized ones ran 7-35% slower.
 
+Why decode graphs are captured under both cuBLAS and cuBLASLt: at decode's few rows neither library
+wins everywhere (H200, llama-3.1-8b at 64 rows: cuBLASLt's gate_up and down 4-10% quicker on the whole
+GPU, the whole decode graph 2.3%; at 16 rows and on the 92-SM side it loses, down 52 against 41 us;
+docs/performance.md). Each (side, bucket) is captured under both, timed, and the quicker graph kept.
+
 Why a decode batch may replay a larger bucket's graph: cuBLAS picks its kernels by shape, and on a
 small side a few rows can run slower than many (qwen2.5-3b's layers on 20 H200 SMs: 10.9 ms at 16
 rows, 8.8 ms at 64; docs/performance.md). Decode graphs are timed once captured, and a batch replays
@@ -28,6 +33,7 @@ import contextlib
 import logging
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FASTER_BY = 0.05  # a larger bucket's graph replaces a batch's own only when this much quicker (noise margin)
 TIMED_REPLAYS = 3
+BLAS_LIBRARIES = ("cublas", "cublaslt")
 
 
 def fastest_buckets(ms: dict[int, float], faster_by: float = FASTER_BY) -> dict[int, int]:
@@ -109,6 +116,28 @@ def capture(step: Callable[[], object], stream: torch.cuda.Stream, pool: Any = N
     return graph
 
 
+def capture_quickest(step: Callable[[], object], stream: torch.cuda.Stream, pool: Any = None,
+                     libraries: Iterable[str] = BLAS_LIBRARIES) -> tuple[torch.cuda.CUDAGraph, dict[str, float]]:
+    """`step` captured on `stream` under each BLAS library (unsized GEMMs): the quickest graph, and
+    each library's median replay ms (the kept one is the least)."""
+    best, times = None, {}
+    for library in libraries:
+        with blas_library(library):
+            graph = capture(step, stream, pool)
+        ms = replay_ms(graph, stream)
+        if best is None or ms < min(times.values()):
+            best = graph
+        times[library] = ms
+    return best, times
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> float:
+    """Median ms of a few replays of `graph` on `stream` (after one untimed)."""
+    with torch.cuda.stream(stream):
+        graph.replay()
+        return statistics.median(event_times_ms(lambda _: graph.replay(), stream, TIMED_REPLAYS))
+
+
 @dataclass(frozen=True)
 class GraphCaptureReport:
     kind: str
@@ -118,30 +147,35 @@ class GraphCaptureReport:
     seconds: float
     memory_bytes: int  # device memory the graphs and their pool took
     replaced: int = 0  # (side, bucket) pairs that replay a larger bucket's graph
+    libraries: dict[str, int] | None = None  # with `quickest`: graphs kept per BLAS library
 
     def __str__(self) -> str:
         return (f"captured {self.num_graphs} {self.kind} CUDA graphs ({len(self.keys)} split sides x buckets "
                 f"{self.buckets}) in {self.seconds:.1f} s using {self.memory_bytes / 2**20:.0f} MiB"
-                + (f"; {self.replaced} replay a larger, quicker bucket" if self.replaced else ""))
+                + (f"; {self.replaced} replay a larger, quicker bucket" if self.replaced else "")
+                + ("; kept " + ", ".join(f"{n} on {lib}" for lib, n in self.libraries.items()) if self.libraries else ""))
 
 
 class GraphSet:
     """Graphs of one step function `step(bucket, sms)` by (side key, bucket), sharing one memory pool;
-    with `size_gemms`, their GEMMs sized for the side's SMs; with `replay_fastest`, a size replays the
-    quickest graph that holds it (timed at capture), not always the smallest.
+    with `size_gemms`, their GEMMs sized for the side's SMs; with `quickest`, each graph is the quicker
+    of its captures under cuBLAS and cuBLASLt, and a size replays the quickest graph that holds it (timed
+    at capture), not always the smallest.
 
     Graphs of one set must never run at the same time (they share the pool's memory): the prefill
     and the decode set are separate sets, each replayed by one loop at a time.
     """
 
-    def __init__(self, kind: str, device: torch.device, total_sms: int, size_gemms: bool,
-                 replay_fastest: bool = False):
+    def __init__(self, kind: str, device: torch.device, total_sms: int, size_gemms: bool, quickest: bool = False):
+        if size_gemms and quickest:
+            raise ValueError("sized GEMMs run on cuBLASLt: there is no library to choose")
         self.kind, self.device, self.total_sms, self.size_gemms = kind, device, total_sms, size_gemms
-        self.replay_fastest = replay_fastest
+        self.quickest = quickest
         self._graphs: dict[tuple[Hashable, int], torch.cuda.CUDAGraph] = {}
         self._streams: dict[Hashable, torch.cuda.Stream] = {}
         self._buckets: dict[Hashable, list[int]] = {}
-        self.replay_ms: dict[Hashable, dict[int, float]] = {}  # with replay_fastest: side -> bucket -> ms
+        self.replay_ms: dict[Hashable, dict[int, float]] = {}  # with quickest: side -> bucket -> ms
+        self.library_ms: dict[Hashable, dict[int, dict[str, float]]] = {}  # with quickest: side -> bucket -> library -> ms
         self.replaced: dict[Hashable, dict[int, int]] = {}  # side -> bucket -> the bucket replayed instead
         self._pool = torch.cuda.graph_pool_handle()
 
@@ -155,18 +189,25 @@ class GraphSet:
         with torch.inference_mode():
             for key, (stream, sms) in sides.items():
                 for size in reversed(sizes):  # largest first: the smaller graphs reuse its pool memory
-                    self._graphs[key, size] = capture(lambda size=size: step(size, sms), stream, self._pool,
-                                                      sms if self.size_gemms else None, self.total_sms)
+                    run = lambda size=size: step(size, sms)
+                    if self.quickest:
+                        graph, times = capture_quickest(run, stream, self._pool)
+                        self.library_ms.setdefault(key, {})[size] = times
+                        self.replay_ms.setdefault(key, {})[size] = min(times.values())
+                    else:
+                        graph = capture(run, stream, self._pool, sms if self.size_gemms else None, self.total_sms)
+                    self._graphs[key, size] = graph
                 self._streams[key], self._buckets[key] = stream, sizes
-                if self.replay_fastest:
-                    self.replay_ms[key] = {size: self._time(key, size) for size in sizes}
+                if self.quickest:
                     self.replaced[key] = fastest_buckets(self.replay_ms[key])
                     if self.replaced[key]:
                         log.info("%s graphs on side %r replay larger buckets: %s", self.kind, key, self.replaced[key])
         torch.cuda.synchronize(self.device)
         report = GraphCaptureReport(self.kind, list(sides), sizes, len(sides) * len(sizes), time.perf_counter() - t0,
                                     free_before - torch.cuda.mem_get_info(self.device)[0],
-                                    sum(map(len, self.replaced.values())))
+                                    sum(map(len, self.replaced.values())),
+                                    dict(Counter(self.library(key, size) for key, sizes in self.library_ms.items()
+                                                 for size in sizes)) or None)
         log.info("%s", report)
         return report
 
@@ -184,12 +225,11 @@ class GraphSet:
         own = next((b for b in self._buckets.get(key, ()) if b >= size), None)
         return self.replaced.get(key, {}).get(own, own)
 
+    def library(self, key: Hashable, bucket: int) -> str:
+        """With `quickest`: the BLAS library of the graph kept for (key, bucket)."""
+        times = self.library_ms[key][bucket]
+        return min(times, key=times.get)
+
     def replay(self, key: Hashable, bucket: int) -> None:
         self._graphs[key, bucket].replay()
 
-    def _time(self, key: Hashable, bucket: int) -> float:
-        """Median ms of a few replays on the side's stream (after one untimed)."""
-        stream = self._streams[key]
-        with torch.cuda.stream(stream):
-            self.replay(key, bucket)
-            return statistics.median(event_times_ms(lambda _: self.replay(key, bucket), stream, TIMED_REPLAYS))

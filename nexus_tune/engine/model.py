@@ -4,8 +4,8 @@ Tokens of all sequences in a step are packed into one dimension ([T, hidden]); t
 metadata says which sequence each belongs to and where its K/V live in the paged cache.
 q/k/v and gate/up are each one fused projection (one GEMM). The residual add rides inside the
 next RMSNorm (one fused kernel on the Triton backend). RoPE's cos/sin table is precomputed
-for every position, so a step only indexes it (the Triton kernel rotates q and k in place, in
-one launch). Nothing here reads a value back to the host.
+for every position, so a step only indexes it (the Triton kernel rotates q and k in place and
+writes the new K/V into the cache, in one launch). Nothing here reads a value back to the host.
 On the Triton backend SwiGLU's silu(gate) * up is one kernel, and the LM head of a few rows (decode
 batches) runs through a Triton kernel that reads its weight faster than cuBLAS does at that shape.
 """
@@ -45,13 +45,22 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate the two halves of every head (Llama's non-interleaved layout); q [T, Hq, D], k [T, Hkv, D]."""
-    if backend == "triton":
-        return triton_kernels().apply_rope(q, k, positions, cos_sin)  # in place, one launch
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, backend: str,
+               store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the two halves of every head (Llama's non-interleaved layout); q [T, Hq, D], k [T, Hkv, D].
+    With `store` (v, k_cache, v_cache, meta) the rotated k and v are also written into the caches."""
+    if backend == "triton":  # in place, one launch (the KV write included)
+        if store is None:
+            return triton_kernels().apply_rope(q, k, positions, cos_sin)
+        v, k_cache, v_cache, meta = store
+        return triton_kernels().apply_rope(q, k, positions, cos_sin, v=v, k_cache=k_cache, v_cache=v_cache,
+                                           slot_mapping=meta.slot_mapping)
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    if store is not None:
+        store_kv(k, *store, backend)
+    return q, k
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -94,10 +103,9 @@ class Attention(nn.Module):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, k, positions, cos_sin, self.backend)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, k, positions, cos_sin, self.backend, (v, k_cache, v_cache, meta) if run_attention else None)
         if run_attention:
-            store_kv(k, v, k_cache, v_cache, meta, self.backend)
             if meta.is_prefill:
                 out = prefill_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.backend)
             else:

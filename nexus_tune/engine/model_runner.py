@@ -29,7 +29,7 @@ import torch
 
 from nexus_tune.engine.attention import AttentionMetadata, decode_attention, prefill_attention, resolve_backend, store_kv
 from nexus_tune.engine.config import ModelConfig
-from nexus_tune.engine.cuda_graphs import GraphCaptureReport, GraphSet, capture
+from nexus_tune.engine.cuda_graphs import GraphCaptureReport, GraphSet, capture, capture_quickest
 from nexus_tune.engine.kv_cache import KVCache, activation_bytes, num_blocks_for_device
 from nexus_tune.engine.loader import load_model
 from nexus_tune.engine.sampling import sample
@@ -239,7 +239,7 @@ class ModelRunner:
             sizes = sorted({b for b in decode_buckets if 1 <= b <= self.max_num_seqs})
             if not sizes:
                 raise ValueError(f"no batch bucket in 1..max_num_seqs ({self.max_num_seqs})")
-            self._graphs["decode"] = GraphSet("decode", self.device, total_sms, size_gemms=False, replay_fastest=True)
+            self._graphs["decode"] = GraphSet("decode", self.device, total_sms, size_gemms=False, quickest=True)
             reports.append(self._graphs["decode"].capture(
                 lambda rows, sms: self._decode_forward(self._decode_rows, rows, sms, self.max_model_len,
                                                        self._decode_logits), decode_sides, sizes))
@@ -332,14 +332,19 @@ class ModelRunner:
             else:
                 hidden = self.model(rows.tokens[0], rows.tokens[1], self.kv_cache, meta, run_attention=False)
                 self.model.compute_logits(hidden, out=logits)
-        return self._replayable(step, stream, None)  # unsized GEMMs, as in the engine's decode graphs
+        return self._replayable(step, stream, None, quickest=True)  # as the engine's decode graphs
 
     def _replayable(self, step: Callable[[], None], stream: torch.cuda.Stream | None,
-                    gemm_sms: int | None) -> Callable[[torch.cuda.Stream | None], None]:
+                    gemm_sms: int | None, quickest: bool = False) -> Callable[[torch.cuda.Stream | None], None]:
+        """`step` as a graph on `stream`: GEMMs sized for `gemm_sms`, or (`quickest`) the quicker BLAS library."""
         if self.device.type != "cuda":
             return lambda _stream: step()
-        total = torch.cuda.get_device_properties(self.device).multi_processor_count
-        graph = capture(step, stream or torch.cuda.current_stream(), sms=gemm_sms, total_sms=total)
+        stream = stream or torch.cuda.current_stream()
+        if quickest:
+            graph = capture_quickest(step, stream)[0]
+        else:
+            total = torch.cuda.get_device_properties(self.device).multi_processor_count
+            graph = capture(step, stream, sms=gemm_sms, total_sms=total)
 
         def replay(replay_stream: torch.cuda.Stream | None) -> None:
             with on_stream(replay_stream):

@@ -1,10 +1,14 @@
 """Paged decode attention, flash-decoding style: one query token per sequence.
 
-Kernel 1 runs one program per (sequence, KV head, KV split): it loads the query heads of that
-KV head together (GQA grouping, so K/V are read once per KV head), attends to its split of the
-sequence's KV and writes the normalised partial output and its log-sum-exp. Kernel 2 merges the
-splits. The grid depends only on shapes (batch, heads, the block table's width), never on
-sequence lengths, so the launch can be captured in a CUDA graph; each program finds its own
+One kernel runs one program per (sequence, KV head, KV split): it loads the query heads of that
+KV head together (GQA grouping, so K/V are read once per KV head) and attends to its split of the
+sequence's KV. A sequence in one split writes its output directly. Otherwise each split writes its
+normalised partial output and log-sum-exp and takes a ticket (a counter per sequence and KV head);
+the split that takes the last ticket merges the partials, in split order, and sets the counter back
+to zero for the next launch. The merge used to be a second kernel: on the H200 it cost 0.28 ms of a
+9.4 ms llama-3.1-8b decode step (64 x 2048 KV), mostly its launch and its chain of dependent loads
+(docs/performance.md). The grid depends only on shapes (batch, heads, the block table's width),
+never on sequence lengths, so the launch can be captured in a CUDA graph; each program finds its own
 KV range from `seq_lens` on the device. A sequence of length 0 produces zeros. With `num_rows` (a
 count on the device) only the first rows are attended and the rest of `out` is left as it is: the
 decode rows of a chunked mixed step, which lead its packed batch, run here while the prefill kernel
@@ -15,7 +19,7 @@ the device from the lengths: every split holds about the same number of KV token
 total over the programs that fill the GPU), so a long document among short chat turns is cut
 into many splits instead of holding the whole step up (on the H100 a 48-sequence batch with one
 16k-token sequence took 1.8x a uniform batch of the same KV when each sequence had 2 splits:
-benchmarks/decode_gap.py, since replaced by engine_overhead.py). Splits past a sequence's last one do nothing and are not merged.
+benchmarks/decode_gap.py, since replaced by engine_overhead.py). Splits past a sequence's last one do nothing.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import triton.language as tl
 
 from nexus_tune.engine.kernels.tiles import BOUNDED, device_sms, FULL, NEG_BIG, attend_tiles, check_attention_inputs, dot_precision
 
-MAX_SPLITS = 64        # kernel 2 holds every split's partial row in registers
+MAX_SPLITS = 64        # the merging split reads every split's log-sum-exp at once
 MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write) dominates
 GRID_PER_SM = 64       # launched programs per SM at most (idle splits still cost a launch slot)
 
@@ -58,7 +62,7 @@ def _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head,
                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
     """(sequence b's length, its split length in whole tiles): the batch's KV tokens (its first
     `num_rows` rows' with HAS_NUM_ROWS) over `programs_per_head`, or longer where the sequence would
-    need more than `num_splits` splits. Both kernels compute it, so they agree on each sequence's splits."""
+    need more than `num_splits` splits."""
     offs = tl.arange(0, BLOCK_B)
     live = offs < batch
     if HAS_NUM_ROWS:
@@ -70,12 +74,12 @@ def _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head,
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, qk_scale,
+def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, out_ptr, tickets, qk_scale,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
-                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits, batch, num_rows,
-                  programs_per_head, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_B: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
+                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                  num_splits, batch, num_rows, programs_per_head, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_B: tl.constexpr, SPLITS_P2: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -87,6 +91,7 @@ def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_p
                                    HAS_NUM_ROWS)
     if (split > 0) & (split * split_len >= seq_len):
         return  # past the sequence's last split (split 0 always writes: an empty sequence's zeros)
+    used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
     lo = tl.minimum(split * split_len, seq_len)
     hi = tl.minimum(lo + split_len, seq_len)
     full_hi = lo + (hi - lo) // BLOCK_N * BLOCK_N
@@ -108,45 +113,51 @@ def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_p
     acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q, offs_h, k_cache, v_cache, table_row, 0, head_off,
                                  full_hi, hi, stride_kb, stride_ks, qk_scale,
                                  BLOCK_N, HEAD_DIM, PAGE, BOUNDED, DOT_PRECISION, True)
-    # An empty split has l = 0: its lse is about -1e30, which gives it weight 0 in kernel 2
-    # (or, when every split is empty, equal weights on all-zero partials: output 0, not NaN).
+    # An empty range has l = 0: its output is 0 and its lse about -1e30, weight 0 in the merge.
     l_safe = tl.maximum(l_i, 1e-30)
-    lse = m_i + tl.log2(l_safe)
     o = acc / l_safe[:, None]
-    o_ptrs = o_part + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, o, mask=head_ok[:, None])
-    tl.store(lse_part + b * stride_lb + heads * stride_lh + split, lse, mask=head_ok)
+    out_ptrs = out_ptr + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
+    if used == 1:
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    else:
+        part = o_part + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        lse_row = lse_part + b * stride_lb + heads * stride_lh
+        tl.store(part + split * stride_os, o, mask=head_ok[:, None])
+        tl.store(lse_row + split, m_i + tl.log2(l_safe), mask=head_ok)
+        # Every thread's partial is written before the ticket is taken (the barrier), and visible to
+        # the program that takes the last one (acq_rel at GPU scope).
+        tl.debug_barrier()
+        ticket = tickets + b * tl.num_programs(1) + kv_head
+        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == used - 1:
+            _merge_splits(part, lse_row, out_ptrs, used, stride_os, head_ok, BLOCK_H, HEAD_DIM, SPLITS_P2)
+            tl.atomic_xchg(ticket, 0)
 
 
 @triton.jit
-def _reduce_kernel(o_part, lse_part, out_ptr, seq_lens, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                   stride_outb, stride_outh, num_splits, batch, num_rows, programs_per_head,
-                   HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_NUM_ROWS: tl.constexpr):
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    if HAS_NUM_ROWS:  # only the first rows, a count on the device
-        if b >= tl.load(num_rows):
-            return
-    seq_len, split_len = _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head, BLOCK_B, BLOCK_N,
-                                   HAS_NUM_ROWS)
-    used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
+def _merge_splits(part, lse_row, out_ptrs, used, stride_os, head_ok,
+                  BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """The splits' partial outputs [BLOCK_H, HEAD_DIM] weighted by their share of the softmax, in split
+    order (so the result does not depend on which split finished last). L1 is bypassed (.cg): the
+    partials were written by other programs."""
     offs_s = tl.arange(0, SPLITS_P2)
-    offs_d = tl.arange(0, HEAD_DIM)
-    split_ok = offs_s < used
-    lse = tl.load(lse_part + b * stride_lb + head * stride_lh + offs_s, mask=split_ok, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))
-    o = tl.load(o_part + b * stride_ob + head * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-                mask=split_ok[:, None], other=0.0)
-    res = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
-    tl.store(out_ptr + b * stride_outb + head * stride_outh + offs_d, res.to(out_ptr.dtype.element_ty))
+    lse = tl.load(lse_row[:, None] + offs_s[None, :], mask=head_ok[:, None] & (offs_s[None, :] < used),
+                  other=NEG_BIG, cache_modifier=".cg")
+    m = tl.max(lse, 1)
+    total = tl.zeros([BLOCK_H], dtype=tl.float32)
+    res = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for s in range(0, used):
+        w = tl.exp2(tl.load(lse_row + s, mask=head_ok, other=NEG_BIG, cache_modifier=".cg") - m)
+        res += w[:, None] * tl.load(part + s * stride_os, mask=head_ok[:, None], other=0.0, cache_modifier=".cg")
+        total += w
+    res = res / total[:, None]
+    tl.store(out_ptrs, res.to(out_ptrs.dtype.element_ty), mask=head_ok[:, None])
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      *, num_splits: int | None = None, num_sms: int | None = None,
                      num_rows: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     config: DecodeConfig = DEFAULT_DECODE) -> torch.Tensor:
+                     tickets: torch.Tensor | None = None, config: DecodeConfig = DEFAULT_DECODE) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV.
 
     q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
@@ -154,8 +165,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `num_sms`: the SMs the launch runs on (a green-context partition; default the whole device),
     which sizes the KV splits. `num_rows` ([1] int32 on the device): attend rows [0, num_rows) only,
     leaving the rest of `out` unwritten (graph-safe: the count may change between replays). `out`:
-    write there ([B, Hq, D], q's dtype) instead of a new tensor. `num_splits` overrides the
-    shape-based bound, `config` the tiles and the programs per SM (benchmarks, tests).
+    write there ([B, Hq, D], q's dtype) instead of a new tensor. `tickets`: at least B x Hkv int32
+    zeros, left zero again (one buffer serves every layer of a step; default: zeroed here per call).
+    Two launches must not share it at the same time. `num_splits` overrides the shape-based bound,
+    `config` the tiles and the programs per SM (benchmarks, tests).
     """
     sms = num_sms or device_sms(q.device)
     check_attention_inputs(q, k_cache, v_cache)
@@ -175,25 +188,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} must match q {tuple(q.shape)} {q.dtype}")
+    if tickets is None:
+        tickets = torch.zeros(batch * kv_heads, dtype=torch.int32, device=q.device)
+    elif tickets.dtype != torch.int32 or tickets.numel() < batch * kv_heads or not tickets.is_contiguous():
+        raise ValueError(f"tickets must be >= {batch * kv_heads} contiguous int32, got {tickets.numel()} {tickets.dtype}")
     o_part = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
     if batch == 0:
         return out
     # Working programs per KV head: the batch's KV tokens are shared out among this many splits.
     programs_per_head = max(1, config.programs_per_sm * sms // kv_heads)
-    block_b = triton.next_power_of_2(batch)
     rows = seq_lens if num_rows is None else num_rows  # without a count: a pointer never read
     _split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, scale * 1.4426950408889634,
+        q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, out, tickets, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1), num_splits, batch, rows, programs_per_head,
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=config.block_n, PAGE=page, DOT_PRECISION=dot_precision(q.dtype), BLOCK_B=block_b,
-        HAS_NUM_ROWS=num_rows is not None, num_warps=config.num_warps, num_stages=config.num_stages)
-    _reduce_kernel[(batch, q_heads)](
-        o_part, lse_part, out, seq_lens, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits, batch, rows,
-        programs_per_head, HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_B=block_b,
-        BLOCK_N=config.block_n, HAS_NUM_ROWS=num_rows is not None, num_warps=4)
+        programs_per_head, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_N=config.block_n, PAGE=page, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_B=triton.next_power_of_2(batch), SPLITS_P2=triton.next_power_of_2(num_splits),
+        HAS_NUM_ROWS=num_rows is not None, num_warps=config.num_warps, num_stages=config.num_stages)
     return out

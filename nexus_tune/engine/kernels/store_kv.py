@@ -25,10 +25,11 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache, v_cache, slot_mapping,
         tl.store(v_cache + dst, v, mask=ok)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v [T, Hkv, D] (views of a fused QKV output are fine); caches [num_blocks, block_size, Hkv, D];
-    slot_mapping [T] int64, slot = block * block_size + offset, -1 = skip."""
+def check_store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Clear errors for a KV write the kernels cannot do (store_kv's, and apply_rope's fused one)."""
+    if v is None or v_cache is None or slot_mapping is None:
+        raise ValueError("a KV write needs k, v, both caches and slot_mapping")
     tokens, heads, head_dim = k.shape
     if v.shape != k.shape or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} / caches {tuple(k_cache.shape)} disagree")
@@ -40,6 +41,14 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError("head_dim must be a power of two and contiguous in k, v and the caches")
     if slot_mapping.shape != (tokens,):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} does not match {tokens} tokens")
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v [T, Hkv, D] (views of a fused QKV output are fine); caches [num_blocks, block_size, Hkv, D];
+    slot_mapping [T] int64, slot = block * block_size + offset, -1 = skip."""
+    check_store_kv(k, v, k_cache, v_cache, slot_mapping)
+    tokens, heads, head_dim = k.shape
     if tokens == 0:
         return
     _store_kv_kernel[(tokens,)](
