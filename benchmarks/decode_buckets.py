@@ -59,11 +59,13 @@ def to_markdown(res: dict[str, Any]) -> str:
             for own, step in s["steps"].items():
                 lines.append(f"| {m['model']} | {side} | {own} -> {step['replays']} | {step['ms']:.2f} / "
                              f"{step['own_graph_ms']:.2f} | {step['own_graph_ms'] / step['ms']:.2f}x |")
-    lines += ["", "Replay times at capture (ms), by side and bucket:", ""]
+    lines += ["", "Replay times at capture (ms), by side and bucket; * marks a graph kept on cuBLASLt (quicker than cuBLAS):", ""]
     for m in res["models"]:
         lines.append(f"- {m['model']} ({m['capture']}):")
         for side, s in m["sides"].items():
-            lines.append(f"  - {side}: " + ", ".join(f"{b}: {ms:.2f}" for b, ms in s["replay_ms"].items()))
+            lines.append(f"  - {side}: " + ", ".join(
+                f"{b}: {ms:.2f}" + ("*" if min(s["library_ms"][b], key=s["library_ms"][b].get) == "cublaslt" else "")
+                for b, ms in s["replay_ms"].items()))
     return "\n".join(lines) + "\n"
 
 

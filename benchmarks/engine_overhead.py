@@ -110,6 +110,9 @@ def decode_runs(llm: LLM, ceil: dict[str, float], n_steps: int) -> list[dict[str
         r["host_critical_ms"] = r["cycle_ms"] - r["device_ms"] if r["cycle_ms"] else None
         r["floor_ms"] = decode_floor_ms(llm.core.runner.config, batch, ctx + n_steps // 2, ceil["copy_gbps"])["floor_ms"]
         r["cycle_vs_floor"] = r["cycle_ms"] / r["floor_ms"] if r["cycle_ms"] else None
+        graphs, key = llm.core.runner.graph_set("decode"), llm.core.placement.key(llm.core.placement.total_sms)
+        bucket = graphs.bucket(key, batch)
+        r["graph"] = {"bucket": bucket, "library": graphs.library(key, bucket), "library_ms": graphs.library_ms[key][bucket]}
         rows.append(r)
     return rows
 
@@ -208,7 +211,9 @@ def main() -> int:
     for r in res["decode"]:
         table.add_row(f"decode {r['batch']} x {r['ctx']} (chunked, whole GPU)",
                       f"cycle {ms(r['cycle_ms'])} ms, device {ms(r['device_ms'])} ms, host on the critical path "
-                      f"{ms(r['host_critical_ms'])} ms; {ms(r['cycle_vs_floor'])}x the HBM floor {ms(r['floor_ms'])} ms",
+                      f"{ms(r['host_critical_ms'])} ms; {ms(r['cycle_vs_floor'])}x the HBM floor {ms(r['floor_ms'])} ms; "
+                      f"graph {r['graph']['bucket']} on {r['graph']['library']} ("
+                      + " / ".join(f"{lib} {t:.2f}" for lib, t in r["graph"]["library_ms"].items()) + " ms at capture)",
                       f"host <= {HOST_TARGET_MS} ms" + (f"; <= {DECODE_FLOOR_TARGET}x floor" if r["batch"] == 64 else ""))
     for kind, target in (("mixed 512 + 64", f"<= {MIXED_ROOFLINE_TARGET}x roofline, gap <= {FIXED_TARGET_MS} ms"),
                          ("mixed", f"gap <= {FIXED_TARGET_MS} ms"), ("prefill", f"gap <= {FIXED_TARGET_MS} ms")):

@@ -119,23 +119,21 @@ def capture(step: Callable[[], object], stream: torch.cuda.Stream, pool: Any = N
 def capture_quickest(step: Callable[[], object], stream: torch.cuda.Stream, pool: Any = None,
                      libraries: Iterable[str] = BLAS_LIBRARIES) -> tuple[torch.cuda.CUDAGraph, dict[str, float]]:
     """`step` captured on `stream` under each BLAS library (unsized GEMMs): the quickest graph, and
-    each library's median replay ms (the kept one is the least)."""
-    best, times = None, {}
+    each library's median replay ms (the kept one is the least). The graphs are replayed in turns,
+    so a clock that ramps during the timing favours none of them."""
+    graphs = {}
     for library in libraries:
         with blas_library(library):
-            graph = capture(step, stream, pool)
-        ms = replay_ms(graph, stream)
-        if best is None or ms < min(times.values()):
-            best = graph
-        times[library] = ms
-    return best, times
-
-
-def replay_ms(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> float:
-    """Median ms of a few replays of `graph` on `stream` (after one untimed)."""
+            graphs[library] = capture(step, stream, pool)
+    times: dict[str, list[float]] = {library: [] for library in graphs}
     with torch.cuda.stream(stream):
-        graph.replay()
-        return statistics.median(event_times_ms(lambda _: graph.replay(), stream, TIMED_REPLAYS))
+        for graph in graphs.values():
+            graph.replay()  # untimed: first replays upload the graph
+        for _ in range(TIMED_REPLAYS):
+            for library, graph in graphs.items():
+                times[library] += event_times_ms(lambda _, g=graph: g.replay(), stream, 1)
+    ms = {library: statistics.median(t) for library, t in times.items()}
+    return graphs[min(ms, key=ms.get)], ms
 
 
 @dataclass(frozen=True)
