@@ -9,7 +9,7 @@ on each loop's stream), llama-3.1-8b with random weights:
 - decode, chunked policy on the whole GPU, B sequences of `ctx` tokens decoding (B = 1, 16, 64 at
   2048 tokens, 256 at 512): the cycle (start to start of consecutive decode steps on the GPU
   timeline) against the device work alone (the same step's input copy, graph, sampling and ids to
-  the host, replayed back to back by the runner) and against the HBM floor. The host time on the
+  the host, replayed back to back by the runner; and the graph alone) and against the HBM floor. The host time on the
   critical path is cycle - device work (target <= 0.3 ms at any batch up to 256); the whole step
   at 64 x 2048 within 1.15x the floor.
 - mixed steps of chunked: 512-token prompts arriving while 64 sequences decode, against the
@@ -38,6 +38,7 @@ from rich.table import Table
 from benchmarks.model_roofline import ceilings, decode_floor_ms, step_roofline_ms, step_serial_floor_ms, time_ms
 from nexus_tune.engine.llm import LLM
 from nexus_tune.engine.loops import StepRecord
+from nexus_tune.engine.sampling import sample
 from nexus_tune.engine.step_inputs import DecodeInput
 from nexus_tune.core.device import software_versions
 from nexus_tune.core.sequence import SamplingParams
@@ -82,9 +83,10 @@ def decode_cycles(steps: list[StepRecord], batch: int) -> dict[str, Any]:
             "kv_tokens": median([s.decode_kv for s in dec])}
 
 
-def device_decode_ms(llm: LLM, batch: int, ctx: int) -> float:
+def device_decode_ms(llm: LLM, batch: int, ctx: int) -> tuple[float, float]:
     """The decode step's device work with the host never in the way: the runner's step (input copy,
-    graph, greedy sampling, ids to pinned memory) replayed back to back on the whole-GPU stream."""
+    graph, greedy sampling, ids to pinned memory) replayed back to back on the whole-GPU stream; and
+    the same without the sampling and the copy back (ms, ms)."""
     core = llm.core
     runner, stream = core.runner, core.placement.stream("decode", core.placement.total_sms)
     blocks = -(-ctx // runner.block_size)
@@ -92,10 +94,11 @@ def device_decode_ms(llm: LLM, batch: int, ctx: int) -> float:
                        keys=list(range(batch)))
     host = torch.empty(batch, dtype=torch.int64, pin_memory=True)
 
+    key = core.placement.key(core.placement.total_sms)
+
     def one() -> None:
-        logits = runner.decode(step, core.placement.key(core.placement.total_sms))
-        host.copy_(logits.argmax(-1), non_blocking=True)
-    return time_ms(one, iters=20, stream=stream)
+        host.copy_(sample(runner.decode(step, key), [greedy(1)] * batch, [0] * batch), non_blocking=True)
+    return time_ms(one, iters=20, stream=stream), time_ms(lambda: runner.decode(step, key), iters=20, stream=stream)
 
 
 def decode_runs(llm: LLM, ceil: dict[str, float], n_steps: int) -> list[dict[str, Any]]:
@@ -106,7 +109,8 @@ def decode_runs(llm: LLM, ceil: dict[str, float], n_steps: int) -> list[dict[str
         llm.generate(prompts(batch, ctx, vocab, batch), greedy(n_steps))
         steps = llm.core.step_records()[before:]
         r = decode_cycles(steps, batch)
-        r.update(batch=batch, ctx=ctx, device_ms=device_decode_ms(llm, batch, ctx + n_steps // 2))
+        device_ms, graph_ms = device_decode_ms(llm, batch, ctx + n_steps // 2)
+        r.update(batch=batch, ctx=ctx, device_ms=device_ms, graph_ms=graph_ms)
         r["host_critical_ms"] = r["cycle_ms"] - r["device_ms"] if r["cycle_ms"] else None
         r["floor_ms"] = decode_floor_ms(llm.core.runner.config, batch, ctx + n_steps // 2, ceil["copy_gbps"])["floor_ms"]
         r["cycle_vs_floor"] = r["cycle_ms"] / r["floor_ms"] if r["cycle_ms"] else None
@@ -210,7 +214,8 @@ def main() -> int:
         table.add_column(col)
     for r in res["decode"]:
         table.add_row(f"decode {r['batch']} x {r['ctx']} (chunked, whole GPU)",
-                      f"cycle {ms(r['cycle_ms'])} ms, device {ms(r['device_ms'])} ms, host on the critical path "
+                      f"cycle {ms(r['cycle_ms'])} ms, device {ms(r['device_ms'])} ms (graph {ms(r['graph_ms'])}), "
+                      "host on the critical path "
                       f"{ms(r['host_critical_ms'])} ms; {ms(r['cycle_vs_floor'])}x the HBM floor {ms(r['floor_ms'])} ms; "
                       f"graph {r['graph']['bucket']} on {r['graph']['library']} ("
                       + " / ".join(f"{lib} {t:.2f}" for lib, t in r["graph"]["library_ms"].items()) + " ms at capture)",

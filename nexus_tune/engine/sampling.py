@@ -31,15 +31,16 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequen
     device (asynchronous decode) is written -1 there, and `pending_ids[i]` (int64 [B], on the
     device) holds it.
     """
-    logits = logits.float()
     penalized = [i for i, p in enumerate(params) if p.penalized]
     if penalized:
         if token_ids is None:
             raise ValueError("a request asks for penalties, and the caller passed no token_ids")
-        logits = _penalize(logits, penalized, params, steps, token_ids, pending_ids)
+        logits = _penalize(logits.float(), penalized, params, steps, token_ids, pending_ids)
+    # argmax needs no float32 copy: widening keeps the order (and which of tied logits comes first).
     greedy = logits.argmax(dim=-1)
     if all(p.temperature == 0 for p in params):
         return greedy
+    logits = logits.float()
     dev = logits.device
     temperature = _to(torch.tensor([p.temperature or 1.0 for p in params]), dev)
     logits = logits / temperature[:, None]

@@ -60,17 +60,20 @@ def num_kv_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int) -> i
 @triton.jit
 def _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head,
                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
-    """(sequence b's length, its split length in whole tiles): the batch's KV tokens (its first
-    `num_rows` rows' with HAS_NUM_ROWS) over `programs_per_head`, or longer where the sequence would
-    need more than `num_splits` splits."""
+    """(sequence b's length, its split length in whole tiles). The share of a program is the batch's
+    KV tokens (its first `num_rows` rows' with HAS_NUM_ROWS) over `programs_per_head`; the sequence
+    is cut into its length over that share, rounded to the nearest count (at least 1, at most
+    `num_splits`), of equal length: 2,068 tokens over a share of 1,003 make two splits, not 1,024 +
+    1,024 + 20."""
     offs = tl.arange(0, BLOCK_B)
     live = offs < batch
     if HAS_NUM_ROWS:
         live = live & (offs < tl.load(num_rows))
     total = tl.sum(tl.load(seq_lens + offs, mask=live, other=0), 0)
     seq_len = tl.load(seq_lens + b)
-    share = tl.maximum(tl.cdiv(total, programs_per_head), tl.cdiv(seq_len, num_splits))
-    return seq_len, tl.cdiv(tl.maximum(share, 1), BLOCK_N) * BLOCK_N
+    share = tl.maximum(tl.cdiv(total, programs_per_head), 1)
+    parts = tl.minimum(tl.maximum((seq_len + share // 2) // share, 1), num_splits)
+    return seq_len, tl.cdiv(tl.maximum(tl.cdiv(seq_len, parts), 1), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
