@@ -111,6 +111,10 @@ def decode_runs(llm: LLM, ceil: dict[str, float], n_steps: int) -> list[dict[str
         r = decode_cycles(steps, batch)
         device_ms, graph_ms = device_decode_ms(llm, batch, ctx + n_steps // 2)
         r.update(batch=batch, ctx=ctx, device_ms=device_ms, graph_ms=graph_ms)
+        # At exactly `ctx` KV tokens (the run's steps hold ctx + 1 .. ctx + n_steps): the attention's
+        # split of a sequence is a whole number of KV tiles, so a length past a tile boundary costs more.
+        r["graph_ms_at_ctx"] = device_decode_ms(llm, batch, ctx)[1]
+        r["floor_ms_at_ctx"] = decode_floor_ms(llm.core.runner.config, batch, ctx, ceil["copy_gbps"])["floor_ms"]
         r["host_critical_ms"] = r["cycle_ms"] - r["device_ms"] if r["cycle_ms"] else None
         r["floor_ms"] = decode_floor_ms(llm.core.runner.config, batch, ctx + n_steps // 2, ceil["copy_gbps"])["floor_ms"]
         r["cycle_vs_floor"] = r["cycle_ms"] / r["floor_ms"] if r["cycle_ms"] else None
@@ -217,6 +221,8 @@ def main() -> int:
                       f"cycle {ms(r['cycle_ms'])} ms, device {ms(r['device_ms'])} ms (graph {ms(r['graph_ms'])}), "
                       "host on the critical path "
                       f"{ms(r['host_critical_ms'])} ms; {ms(r['cycle_vs_floor'])}x the HBM floor {ms(r['floor_ms'])} ms; "
+                      f"at exactly {r['ctx']} KV tokens the graph {ms(r['graph_ms_at_ctx'])} ms = "
+                      f"{ms(r['graph_ms_at_ctx'] / r['floor_ms_at_ctx'])}x its floor; "
                       f"graph {r['graph']['bucket']} on {r['graph']['library']} ("
                       + " / ".join(f"{lib} {t:.2f}" for lib, t in r["graph"]["library_ms"].items()) + " ms at capture)",
                       f"host <= {HOST_TARGET_MS} ms" + (f"; <= {DECODE_FLOOR_TARGET}x floor" if r["batch"] == 64 else ""))
