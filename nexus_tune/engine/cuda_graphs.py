@@ -18,7 +18,7 @@ the weights' bytes) stay unsized: on the H200's 92-SM side the sized ones ran 7-
 
 Why decode graphs are captured under both cuBLAS and cuBLASLt: at decode's few rows neither library
 wins everywhere (H200, llama-3.1-8b at 64 rows: cuBLASLt's gate_up and down 4-10% quicker on the whole
-GPU, the whole decode graph 2.3%; at 16 rows and on the 92-SM side it loses, down 52 against 41 us;
+GPU, the whole decode graph 2.3-2.7%; at 16 rows and on the 92-SM side it loses, down 52 against 41 us;
 docs/performance.md). Each (side, bucket) is captured under both, timed, and the quicker graph kept.
 
 Why a decode batch may replay a larger bucket's graph: cuBLAS picks its kernels by shape, and on a

@@ -332,7 +332,8 @@ class ModelRunner:
             else:
                 hidden = self.model(rows.tokens[0], rows.tokens[1], self.kv_cache, meta, run_attention=False)
                 self.model.compute_logits(hidden, out=logits)
-        return self._replayable(step, stream, None, quickest=True)  # as the engine's decode graphs
+        # As the engine's decode graphs: unsized GEMMs on the quicker library (attention alone has none).
+        return self._replayable(step, stream, None, quickest=part != "attention")
 
     def _replayable(self, step: Callable[[], None], stream: torch.cuda.Stream | None,
                     gemm_sms: int | None, quickest: bool = False) -> Callable[[torch.cuda.Stream | None], None]:
