@@ -1,6 +1,7 @@
 """Paged decode attention, flash-decoding style: one query token per sequence.
 
-One kernel runs one program per (sequence, KV head, KV split): it loads the query heads of that
+One kernel runs one program per (sequence, KV head, KV split) (with `DecodeConfig.packed_grid`, one per
+KV head and working split of the batch): it loads the query heads of that
 KV head together (GQA grouping, so K/V are read once per KV head) and attends to its split of the
 sequence's KV. A sequence in one split writes its output directly. Otherwise each split writes its
 normalised partial output and log-sum-exp and takes a ticket (a counter per sequence and KV head);
@@ -45,6 +46,13 @@ class DecodeConfig:
     # (H200, 64 x 2048 KV: 8 instead of 4 took 0.212 -> 0.173 ms on 92 SMs, 0.218 -> 0.198 on 68,
     # 0.151 -> 0.151 on all 132; docs/performance.md).
     programs_per_sm: int = 8
+    # Grid of one program per working split (KV heads x a bound on the batch's splits, each program
+    # finds its sequence by a prefix sum of the splits per sequence) instead of (sequence, KV head,
+    # split bound), where the splits a sequence does not use return at once. Inside the engine the
+    # latter launches thousands of such idle programs per layer (64 rows, 4,096-token tables: 8,192
+    # programs, 1,024 working), which may be the 4% its decode graph loses to the roofline benchmark's
+    # (docs/performance.md). Not timed on a GPU yet: off until it is.
+    packed_grid: bool = False
 
 
 DEFAULT_DECODE = DecodeConfig()
@@ -58,40 +66,51 @@ def num_kv_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int) -> i
 
 
 @triton.jit
-def _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head,
-               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
-    """(sequence b's length, its split length in whole tiles). The share of a program is the batch's
-    KV tokens (its first `num_rows` rows' with HAS_NUM_ROWS) over `programs_per_head`; the sequence
-    is cut into its length over that share, rounded to the nearest count (at least 1, at most
-    `num_splits`), of equal length: 2,068 tokens over a share of 1,003 make two splits, not 1,024 +
-    1,024 + 20."""
+def _locate(seq_lens, batch, num_rows, num_splits, programs_per_head, BLOCK_B: tl.constexpr,
+            BLOCK_N: tl.constexpr, HAS_NUM_ROWS: tl.constexpr, PACKED: tl.constexpr):
+    """(sequence, split, the sequence's length, its split length in whole tiles) of this program;
+    sequence -1: nothing to do. The share of a program is the batch's KV tokens (its first
+    `num_rows` rows' with HAS_NUM_ROWS) over `programs_per_head`; a sequence is cut into its length
+    over that share, rounded to the nearest count (at least 1, at most `num_splits`), of equal length:
+    2,068 tokens over a share of 1,003 make two splits, not 1,024 + 1,024 + 20. PACKED: program
+    (kv head, i) takes the i-th split of the batch's splits in sequence order; else (b, kv head, split)."""
     offs = tl.arange(0, BLOCK_B)
     live = offs < batch
     if HAS_NUM_ROWS:
         live = live & (offs < tl.load(num_rows))
-    total = tl.sum(tl.load(seq_lens + offs, mask=live, other=0), 0)
-    seq_len = tl.load(seq_lens + b)
-    share = tl.maximum(tl.cdiv(total, programs_per_head), 1)
-    parts = tl.minimum(tl.maximum((seq_len + share // 2) // share, 1), num_splits)
-    return seq_len, tl.cdiv(tl.maximum(tl.cdiv(seq_len, parts), 1), BLOCK_N) * BLOCK_N
+    lens = tl.load(seq_lens + offs, mask=live, other=0)
+    share = tl.maximum(tl.cdiv(tl.sum(lens, 0), programs_per_head), 1)
+    parts = tl.where(live, tl.minimum(tl.maximum((lens + share // 2) // share, 1), num_splits), 0)
+    if PACKED:
+        ends = tl.cumsum(parts, 0)
+        b = tl.sum((ends <= tl.program_id(1)).to(tl.int32), 0)
+        split = tl.program_id(1) - tl.sum(tl.where(offs == b, ends - parts, 0), 0)
+    else:
+        b = tl.program_id(0)
+        split = tl.program_id(2)
+    seq_len = tl.sum(tl.where(offs == b, lens, 0), 0)
+    n = tl.sum(tl.where(offs == b, parts, 0), 0)  # 0: not a live row (PACKED: past the batch's last split)
+    split_len = tl.cdiv(tl.maximum(tl.cdiv(seq_len, tl.maximum(n, 1)), 1), BLOCK_N) * BLOCK_N
+    return tl.where(n > 0, b, -1), split, seq_len, split_len
 
 
 @triton.jit
 def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, out_ptr, tickets, qk_scale,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-                  num_splits, batch, num_rows, programs_per_head, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_B: tl.constexpr, SPLITS_P2: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    if HAS_NUM_ROWS:  # only the first rows, a count on the device
-        if b >= tl.load(num_rows):
-            return
+                  num_splits, batch, num_rows, programs_per_head, kv_heads, GROUP: tl.constexpr,
+                  BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, SPLITS_P2: tl.constexpr,
+                  HAS_NUM_ROWS: tl.constexpr, PACKED: tl.constexpr):
+    if PACKED:
+        kv_head = tl.program_id(0)
+    else:
+        kv_head = tl.program_id(1)
     # Split length in whole tiles: only a split's last tile can be partial.
-    seq_len, split_len = _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head, BLOCK_B, BLOCK_N,
-                                   HAS_NUM_ROWS)
+    b, split, seq_len, split_len = _locate(seq_lens, batch, num_rows, num_splits, programs_per_head, BLOCK_B, BLOCK_N,
+                                           HAS_NUM_ROWS, PACKED)
+    if b < 0:
+        return  # a row past the count, or (PACKED) a program past the batch's last split
     if (split > 0) & (split * split_len >= seq_len):
         return  # past the sequence's last split (split 0 always writes: an empty sequence's zeros)
     used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
@@ -130,7 +149,7 @@ def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_p
         # Every thread's partial is written before the ticket is taken (the barrier), and visible to
         # the program that takes the last one (acq_rel at GPU scope).
         tl.debug_barrier()
-        ticket = tickets + b * tl.num_programs(1) + kv_head
+        ticket = tickets + b * kv_heads + kv_head
         if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == used - 1:
             _merge_splits(part, lse_row, out_ptrs, used, stride_os, head_ok, BLOCK_H, HEAD_DIM, SPLITS_P2)
             tl.atomic_xchg(ticket, 0)
@@ -202,13 +221,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # Working programs per KV head: the batch's KV tokens are shared out among this many splits.
     programs_per_head = max(1, config.programs_per_sm * sms // kv_heads)
     rows = seq_lens if num_rows is None else num_rows  # without a count: a pointer never read
-    _split_kernel[(batch, kv_heads, num_splits)](
+    # Packed: a sequence takes at most its length over the share plus one split, so the batch at most
+    # programs_per_head + batch of them (the share is at least the batch's KV over programs_per_head).
+    grid = ((kv_heads, min(programs_per_head + batch, batch * num_splits)) if config.packed_grid
+            else (batch, kv_heads, num_splits))
+    _split_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, out, tickets, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), num_splits, batch, rows,
-        programs_per_head, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        programs_per_head, kv_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=config.block_n, PAGE=page, DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_B=triton.next_power_of_2(batch), SPLITS_P2=triton.next_power_of_2(num_splits),
-        HAS_NUM_ROWS=num_rows is not None, num_warps=config.num_warps, num_stages=config.num_stages)
+        HAS_NUM_ROWS=num_rows is not None, PACKED=config.packed_grid, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return out
