@@ -66,32 +66,47 @@ def num_kv_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int) -> i
 
 
 @triton.jit
-def _locate(seq_lens, batch, num_rows, num_splits, programs_per_head, BLOCK_B: tl.constexpr,
-            BLOCK_N: tl.constexpr, HAS_NUM_ROWS: tl.constexpr, PACKED: tl.constexpr):
-    """(sequence, split, the sequence's length, its split length in whole tiles) of this program;
-    sequence -1: nothing to do. The share of a program is the batch's KV tokens (its first
-    `num_rows` rows' with HAS_NUM_ROWS) over `programs_per_head`; a sequence is cut into its length
-    over that share, rounded to the nearest count (at least 1, at most `num_splits`), of equal length:
-    2,068 tokens over a share of 1,003 make two splits, not 1,024 + 1,024 + 20. PACKED: program
-    (kv head, i) takes the i-th split of the batch's splits in sequence order; else (b, kv head, split)."""
+def _num_splits(lens, total, num_splits, programs_per_head):
+    """Splits of sequences of `lens` tokens: the share of a program is the batch's `total` KV tokens over
+    `programs_per_head`; a sequence takes its length over that share, rounded to the nearest count, at
+    least 1 and at most `num_splits` (2,068 tokens over a share of 1,003: two splits, not 1,024 +
+    1,024 + 20)."""
+    share = tl.maximum(tl.cdiv(total, programs_per_head), 1)
+    return tl.minimum(tl.maximum((lens + share // 2) // share, 1), num_splits)
+
+
+@triton.jit
+def _live_lens(seq_lens, batch, num_rows, BLOCK_B: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
+    """The batch's lengths [BLOCK_B] (0 past it, and past its first `num_rows` rows with HAS_NUM_ROWS) and their mask."""
     offs = tl.arange(0, BLOCK_B)
     live = offs < batch
     if HAS_NUM_ROWS:
         live = live & (offs < tl.load(num_rows))
-    lens = tl.load(seq_lens + offs, mask=live, other=0)
-    share = tl.maximum(tl.cdiv(tl.sum(lens, 0), programs_per_head), 1)
-    parts = tl.where(live, tl.minimum(tl.maximum((lens + share // 2) // share, 1), num_splits), 0)
-    if PACKED:
-        ends = tl.cumsum(parts, 0)
-        b = tl.sum((ends <= tl.program_id(1)).to(tl.int32), 0)
-        split = tl.program_id(1) - tl.sum(tl.where(offs == b, ends - parts, 0), 0)
-    else:
-        b = tl.program_id(0)
-        split = tl.program_id(2)
-    seq_len = tl.sum(tl.where(offs == b, lens, 0), 0)
-    n = tl.sum(tl.where(offs == b, parts, 0), 0)  # 0: not a live row (PACKED: past the batch's last split)
-    split_len = tl.cdiv(tl.maximum(tl.cdiv(seq_len, tl.maximum(n, 1)), 1), BLOCK_N) * BLOCK_N
-    return tl.where(n > 0, b, -1), split, seq_len, split_len
+    return tl.load(seq_lens + offs, mask=live, other=0), live
+
+
+@triton.jit
+def _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head,
+               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
+    """(sequence b's length, its split length in whole tiles): its length over its number of splits."""
+    lens, _ = _live_lens(seq_lens, batch, num_rows, BLOCK_B, HAS_NUM_ROWS)
+    seq_len = tl.load(seq_lens + b)
+    parts = _num_splits(seq_len, tl.sum(lens, 0), num_splits, programs_per_head)
+    return seq_len, tl.cdiv(tl.maximum(tl.cdiv(seq_len, parts), 1), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _packed_split(seq_lens, batch, num_rows, num_splits, programs_per_head,
+                  BLOCK_B: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
+    """(sequence, split) of program (kv head, i) of the packed grid: the i-th of the batch's splits in
+    sequence order; sequence -1 past the last."""
+    lens, live = _live_lens(seq_lens, batch, num_rows, BLOCK_B, HAS_NUM_ROWS)
+    parts = tl.where(live, _num_splits(lens, tl.sum(lens, 0), num_splits, programs_per_head), 0)
+    ends = tl.cumsum(parts, 0)
+    i = tl.program_id(1)
+    b = tl.sum((ends <= i).to(tl.int32), 0)
+    start = tl.sum(tl.where(tl.arange(0, BLOCK_B) == b, ends - parts, 0), 0)
+    return tl.where(i < tl.sum(parts, 0), b, -1), i - start
 
 
 @triton.jit
@@ -104,13 +119,19 @@ def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_p
                   HAS_NUM_ROWS: tl.constexpr, PACKED: tl.constexpr):
     if PACKED:
         kv_head = tl.program_id(0)
+        b, split = _packed_split(seq_lens, batch, num_rows, num_splits, programs_per_head, BLOCK_B, HAS_NUM_ROWS)
+        if b < 0:
+            return  # past the batch's last split
     else:
+        b = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        if HAS_NUM_ROWS:  # only the first rows, a count on the device
+            if b >= tl.load(num_rows):
+                return
     # Split length in whole tiles: only a split's last tile can be partial.
-    b, split, seq_len, split_len = _locate(seq_lens, batch, num_rows, num_splits, programs_per_head, BLOCK_B, BLOCK_N,
-                                           HAS_NUM_ROWS, PACKED)
-    if b < 0:
-        return  # a row past the count, or (PACKED) a program past the batch's last split
+    seq_len, split_len = _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head, BLOCK_B, BLOCK_N,
+                                   HAS_NUM_ROWS)
     if (split > 0) & (split * split_len >= seq_len):
         return  # past the sequence's last split (split 0 always writes: an empty sequence's zeros)
     used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
