@@ -9,8 +9,8 @@ On one GPU (an H200 in about three minutes), with random bf16 weights (no downlo
    against the HBM floor (weight bytes + KV bytes read, over the copy bandwidth; target 1.15x with
    the engine's host work, which benchmarks/engine_overhead.py adds), and on the decode side of the
    40/92 split with its kernels' grids sized for it and without (sized for 132 SMs), against the
-   whole GPU (target 1.05x); the kernels of one eager step summed by kind (torch.profiler): where
-   the time goes.
+   whole GPU (target 1.05x); each graph's replay time at capture under cuBLAS and cuBLASLt (the
+   quicker is kept); the kernels of one eager step summed by kind (torch.profiler): where the time goes.
 3. llama-3.1-8b prefill of one 2048-token chunk as a graph: on the whole GPU against the matmul
    rate, eager beside it; on partitions of 64, 96 and 112 SMs, sized and unsized, against the
    whole-GPU time x 132 / S (target: at most that).

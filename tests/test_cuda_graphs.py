@@ -45,3 +45,9 @@ def test_graph_set_replays_the_quicker_larger_bucket():
     assert graphs.replay_ms["whole"][2] > graphs.replay_ms["whole"][4]
     assert graphs.bucket("whole", 2) == 4 and graphs.bucket("whole", 3) == 4  # 8 is no quicker than 4
     assert graphs.bucket("whole", 8) == 8 and graphs.bucket("whole", 9) is None
+
+
+def test_graph_set_refuses_a_library_choice_for_sized_gemms():
+    """Sized GEMMs are captured on cuBLASLt (the SM-count target is its setting): nothing to choose."""
+    with pytest.raises(ValueError, match="cuBLASLt"):
+        GraphSet("decode", torch.device("cpu"), 132, size_gemms=True, quickest=True)
