@@ -46,8 +46,8 @@ def bench_model(core: EngineCore, model: str, kv: int) -> dict[str, Any]:
             steps[own] = {"replays": instead, "ms": fast, "own_graph_ms": slow}
             print(f"{model} side {key}: {own} seqs x {kv} KV replay bucket {instead}: {fast:.2f} ms, "
                   f"own graph {slow:.2f} ms ({slow / fast:.2f}x)", flush=True)
-        out["sides"][str(key)] = {"replay_ms": graphs.replay_ms[key], "library_ms": graphs.library_ms[key],
-                                  "replaced": replaced, "steps": steps}
+        out["sides"][str(key)] = {"replay_ms": graphs.replay_ms[key], "replaced": replaced, "steps": steps,
+                                  "library": {b: graphs.library(key, b) for b in graphs.library_ms[key]}}
     return out
 
 
@@ -64,7 +64,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines.append(f"- {m['model']} ({m['capture']}):")
         for side, s in m["sides"].items():
             lines.append(f"  - {side}: " + ", ".join(
-                f"{b}: {ms:.2f}" + ("*" if min(s["library_ms"][b], key=s["library_ms"][b].get) == "cublaslt" else "")
+                f"{b}: {ms:.2f}" + ("*" if s["library"][b] == "cublaslt" else "")
                 for b, ms in s["replay_ms"].items()))
     return "\n".join(lines) + "\n"
 

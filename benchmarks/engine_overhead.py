@@ -83,22 +83,23 @@ def decode_cycles(steps: list[StepRecord], batch: int) -> dict[str, Any]:
             "kv_tokens": median([s.decode_kv for s in dec])}
 
 
-def device_decode_ms(llm: LLM, batch: int, ctx: int) -> tuple[float, float]:
+def device_decode_ms(llm: LLM, batch: int, ctx: int, sampled: bool = True) -> float:
     """The decode step's device work with the host never in the way: the runner's step (input copy,
-    graph, greedy sampling, ids to pinned memory) replayed back to back on the whole-GPU stream; and
-    the same without the sampling and the copy back (ms, ms)."""
+    graph, and with `sampled` greedy sampling and ids to pinned memory) replayed back to back on the
+    whole-GPU stream."""
     core = llm.core
     runner, stream = core.runner, core.placement.stream("decode", core.placement.total_sms)
     blocks = -(-ctx // runner.block_size)
     step = DecodeInput([1] * batch, [ctx - 1] * batch, [list(range(i * blocks, (i + 1) * blocks)) for i in range(batch)],
                        keys=list(range(batch)))
     host = torch.empty(batch, dtype=torch.int64, pin_memory=True)
-
     key = core.placement.key(core.placement.total_sms)
 
     def one() -> None:
-        host.copy_(sample(runner.decode(step, key), [greedy(1)] * batch, [0] * batch), non_blocking=True)
-    return time_ms(one, iters=20, stream=stream), time_ms(lambda: runner.decode(step, key), iters=20, stream=stream)
+        logits = runner.decode(step, key)
+        if sampled:
+            host.copy_(sample(logits, [greedy(1)] * batch, [0] * batch), non_blocking=True)
+    return time_ms(one, iters=20, stream=stream)
 
 
 def decode_runs(llm: LLM, ceil: dict[str, float], n_steps: int) -> list[dict[str, Any]]:
@@ -109,14 +110,15 @@ def decode_runs(llm: LLM, ceil: dict[str, float], n_steps: int) -> list[dict[str
         llm.generate(prompts(batch, ctx, vocab, batch), greedy(n_steps))
         steps = llm.core.step_records()[before:]
         r = decode_cycles(steps, batch)
-        device_ms, graph_ms = device_decode_ms(llm, batch, ctx + n_steps // 2)
-        r.update(batch=batch, ctx=ctx, device_ms=device_ms, graph_ms=graph_ms)
+        mid = ctx + n_steps // 2
+        r.update(batch=batch, ctx=ctx, device_ms=device_decode_ms(llm, batch, mid),
+                 graph_ms=device_decode_ms(llm, batch, mid, sampled=False))
         # At exactly `ctx` KV tokens (the run's steps hold ctx + 1 .. ctx + n_steps): the attention's
         # split of a sequence is a whole number of KV tiles, so a length past a tile boundary costs more.
-        r["graph_ms_at_ctx"] = device_decode_ms(llm, batch, ctx)[1]
+        r["graph_ms_at_ctx"] = device_decode_ms(llm, batch, ctx, sampled=False)
         r["floor_ms_at_ctx"] = decode_floor_ms(llm.core.runner.config, batch, ctx, ceil["copy_gbps"])["floor_ms"]
         r["host_critical_ms"] = r["cycle_ms"] - r["device_ms"] if r["cycle_ms"] else None
-        r["floor_ms"] = decode_floor_ms(llm.core.runner.config, batch, ctx + n_steps // 2, ceil["copy_gbps"])["floor_ms"]
+        r["floor_ms"] = decode_floor_ms(llm.core.runner.config, batch, mid, ceil["copy_gbps"])["floor_ms"]
         r["cycle_vs_floor"] = r["cycle_ms"] / r["floor_ms"] if r["cycle_ms"] else None
         graphs, key = llm.core.runner.graph_set("decode"), llm.core.placement.key(llm.core.placement.total_sms)
         bucket = graphs.bucket(key, batch)

@@ -53,12 +53,13 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def paged_kv(batch: int, ctx: int, gen: torch.Generator):
-    """Caches holding `batch` sequences of `ctx` tokens on shuffled pages, and their block tables."""
-    blocks = batch * ctx // PAGE
+def paged_kv(batch: int, ctx: int, gen: torch.Generator, width: int | None = None):
+    """Caches holding `batch` sequences of `ctx` tokens (tables `width` >= ctx tokens wide, default ctx)
+    on shuffled pages, and their block tables."""
+    blocks = batch * (width or ctx) // PAGE
     k_cache = torch.randn(blocks, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
     v_cache = torch.randn(blocks, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
-    tables = torch.randperm(blocks, device="cuda", generator=gen).view(batch, ctx // PAGE).to(torch.int32)
+    tables = torch.randperm(blocks, device="cuda", generator=gen).view(batch, blocks // batch).to(torch.int32)
     return k_cache, v_cache, tables
 
 
@@ -160,10 +161,7 @@ def bench_decode_grid(bandwidth: float, gen: torch.Generator) -> list[dict]:
 
     rows = []
     for batch, ctx, width in DECODE_GRID_CASES:
-        blocks = batch * width // PAGE
-        k_cache = torch.randn(blocks, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
-        v_cache = torch.randn_like(k_cache)
-        tables = torch.randperm(blocks, device="cuda", generator=gen).view(batch, width // PAGE).to(torch.int32)
+        k_cache, v_cache, tables = paged_kv(batch, ctx, gen, width)
         seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
         runs = {name: (lambda cfg=cfg: decode_attention(q, k_cache, v_cache, tables, seq_lens, SCALE, config=cfg))

@@ -172,7 +172,6 @@ class GraphSet:
         self._graphs: dict[tuple[Hashable, int], torch.cuda.CUDAGraph] = {}
         self._streams: dict[Hashable, torch.cuda.Stream] = {}
         self._buckets: dict[Hashable, list[int]] = {}
-        self.replay_ms: dict[Hashable, dict[int, float]] = {}  # with quickest: side -> bucket -> ms
         self.library_ms: dict[Hashable, dict[int, dict[str, float]]] = {}  # with quickest: side -> bucket -> library -> ms
         self.replaced: dict[Hashable, dict[int, int]] = {}  # side -> bucket -> the bucket replayed instead
         self._pool = torch.cuda.graph_pool_handle()
@@ -191,7 +190,6 @@ class GraphSet:
                     if self.quickest:
                         graph, times = capture_quickest(run, stream, self._pool)
                         self.library_ms.setdefault(key, {})[size] = times
-                        self.replay_ms.setdefault(key, {})[size] = min(times.values())
                     else:
                         graph = capture(run, stream, self._pool, sms if self.size_gemms else None, self.total_sms)
                     self._graphs[key, size] = graph
@@ -222,6 +220,11 @@ class GraphSet:
         replaces it; None if none holds it."""
         own = next((b for b in self._buckets.get(key, ()) if b >= size), None)
         return self.replaced.get(key, {}).get(own, own)
+
+    @property
+    def replay_ms(self) -> dict[Hashable, dict[int, float]]:
+        """With `quickest`: side -> bucket -> ms of the graph kept (the quicker library's)."""
+        return {key: {size: min(t.values()) for size, t in sizes.items()} for key, sizes in self.library_ms.items()}
 
     def library(self, key: Hashable, bucket: int) -> str:
         """With `quickest`: the BLAS library of the graph kept for (key, bucket)."""

@@ -86,22 +86,17 @@ def _live_lens(seq_lens, batch, num_rows, BLOCK_B: tl.constexpr, HAS_NUM_ROWS: t
 
 
 @triton.jit
-def _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head,
-               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
-    """(sequence b's length, its split length in whole tiles): its length over its number of splits."""
-    lens, _ = _live_lens(seq_lens, batch, num_rows, BLOCK_B, HAS_NUM_ROWS)
-    seq_len = tl.load(seq_lens + b)
-    parts = _num_splits(seq_len, tl.sum(lens, 0), num_splits, programs_per_head)
-    return seq_len, tl.cdiv(tl.maximum(tl.cdiv(seq_len, parts), 1), BLOCK_N) * BLOCK_N
+def _split_len(seq_len, total, num_splits, programs_per_head, BLOCK_N: tl.constexpr):
+    """A sequence's split length in whole tiles: its length over its number of splits."""
+    parts = _num_splits(seq_len, total, num_splits, programs_per_head)
+    return tl.cdiv(tl.maximum(tl.cdiv(seq_len, parts), 1), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
-def _packed_split(seq_lens, batch, num_rows, num_splits, programs_per_head,
-                  BLOCK_B: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
+def _packed_split(lens, live, total, num_splits, programs_per_head, BLOCK_B: tl.constexpr):
     """(sequence, split) of program (kv head, i) of the packed grid: the i-th of the batch's splits in
     sequence order; sequence -1 past the last."""
-    lens, live = _live_lens(seq_lens, batch, num_rows, BLOCK_B, HAS_NUM_ROWS)
-    parts = tl.where(live, _num_splits(lens, tl.sum(lens, 0), num_splits, programs_per_head), 0)
+    parts = tl.where(live, _num_splits(lens, total, num_splits, programs_per_head), 0)
     ends = tl.cumsum(parts, 0)
     i = tl.program_id(1)
     b = tl.sum((ends <= i).to(tl.int32), 0)
@@ -117,21 +112,25 @@ def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_p
                   BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, SPLITS_P2: tl.constexpr,
                   HAS_NUM_ROWS: tl.constexpr, PACKED: tl.constexpr):
-    if PACKED:
-        kv_head = tl.program_id(0)
-        b, split = _packed_split(seq_lens, batch, num_rows, num_splits, programs_per_head, BLOCK_B, HAS_NUM_ROWS)
-        if b < 0:
-            return  # past the batch's last split
-    else:
+    if not PACKED:
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         if HAS_NUM_ROWS:  # only the first rows, a count on the device
             if b >= tl.load(num_rows):
                 return
+    lens, live = _live_lens(seq_lens, batch, num_rows, BLOCK_B, HAS_NUM_ROWS)
+    total = tl.sum(lens, 0)
+    if PACKED:
+        kv_head = tl.program_id(0)
+        b, split = _packed_split(lens, live, total, num_splits, programs_per_head, BLOCK_B)
+        if b < 0:
+            return  # past the batch's last split
+        seq_len = tl.sum(tl.where(tl.arange(0, BLOCK_B) == b, lens, 0), 0)
+    else:
+        seq_len = tl.load(seq_lens + b)
     # Split length in whole tiles: only a split's last tile can be partial.
-    seq_len, split_len = _split_len(seq_lens, b, batch, num_rows, num_splits, programs_per_head, BLOCK_B, BLOCK_N,
-                                   HAS_NUM_ROWS)
+    split_len = _split_len(seq_len, total, num_splits, programs_per_head, BLOCK_N)
     if (split > 0) & (split * split_len >= seq_len):
         return  # past the sequence's last split (split 0 always writes: an empty sequence's zeros)
     used = tl.maximum(tl.cdiv(seq_len, split_len), 1)

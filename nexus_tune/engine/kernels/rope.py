@@ -17,9 +17,9 @@ from nexus_tune.engine.kernels.store_kv import check_store_kv
 
 
 @triton.jit
-def _rotate_heads(ptr, stride_h, num_heads, cos, sin, cache_ptr, stride_ch, BLOCK_H: tl.constexpr,
+def _rotate_heads(ptr, stride_h, num_heads, cos, sin, cache_ptr, stride_ch, cache_heads, BLOCK_H: tl.constexpr,
                   HALF: tl.constexpr, STORE_KV: tl.constexpr):
-    """Rotate `num_heads` heads at ptr in place; with STORE_KV also write them at cache_ptr."""
+    """Rotate `num_heads` heads at ptr in place; with STORE_KV also write the first `cache_heads` at cache_ptr."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     offs = tl.arange(0, HALF)[None, :]
     ok = heads < num_heads
@@ -32,38 +32,34 @@ def _rotate_heads(ptr, stride_h, num_heads, cos, sin, cache_ptr, stride_ch, BLOC
     tl.store(p1 + HALF, y2, mask=ok)
     if STORE_KV:
         c1 = cache_ptr + heads * stride_ch + offs
-        tl.store(c1, y1, mask=ok)
-        tl.store(c1 + HALF, y2, mask=ok)
+        tl.store(c1, y1, mask=heads < cache_heads)
+        tl.store(c1 + HALF, y2, mask=heads < cache_heads)
 
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, v_ptr, positions, cos_sin, k_cache, v_cache, slot_mapping,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c, stride_cb, stride_cs,
-                 stride_ch,
-                 Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, BLOCK_QH: tl.constexpr,
+                 stride_ch, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, BLOCK_QH: tl.constexpr,
                  BLOCK_KH: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, STORE_KV: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(positions + t).to(tl.int64)
     offs = tl.arange(0, HALF)[None, :]
     cos = tl.load(cos_sin + pos * stride_c + offs).to(tl.float32)
     sin = tl.load(cos_sin + pos * stride_c + HALF + offs).to(tl.float32)
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, Q_HEADS, cos, sin, q_ptr, 0, BLOCK_QH, HALF, False)
-    store = False
-    dst = 0
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, Q_HEADS, cos, sin, q_ptr, 0, 0, BLOCK_QH, HALF, False)
+    k_row = k_ptr + t * stride_kt
     if STORE_KV:
         slot = tl.load(slot_mapping + t).to(tl.int64)
-        store = slot >= 0  # slot -1 marks a padding row of a CUDA-graph batch: nothing to write
+        # slot -1 marks a padding row of a CUDA-graph batch: no head is written.
+        cache_heads = tl.where(slot >= 0, KV_HEADS, 0)
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs
-    if store:
-        _rotate_heads(k_ptr + t * stride_kt, stride_kh, KV_HEADS, cos, sin, k_cache + dst, stride_ch, BLOCK_KH, HALF,
-                      True)
+        _rotate_heads(k_row, stride_kh, KV_HEADS, cos, sin, k_cache + dst, stride_ch, cache_heads, BLOCK_KH, HALF, True)
         heads = tl.arange(0, BLOCK_KH)[:, None]
         d = tl.arange(0, 2 * HALF)[None, :]
-        ok = heads < KV_HEADS
-        v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + d, mask=ok)
-        tl.store(v_cache + dst + heads * stride_ch + d, v, mask=ok)
+        v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + d, mask=heads < cache_heads)
+        tl.store(v_cache + dst + heads * stride_ch + d, v, mask=heads < cache_heads)
     else:
-        _rotate_heads(k_ptr + t * stride_kt, stride_kh, KV_HEADS, cos, sin, k_ptr, 0, BLOCK_KH, HALF, False)
+        _rotate_heads(k_row, stride_kh, KV_HEADS, cos, sin, k_row, 0, 0, BLOCK_KH, HALF, False)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
