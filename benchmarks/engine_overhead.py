@@ -55,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=os.environ.get("OUT") or "out")
     p.add_argument("--decode-steps", type=int, default=40, help="decode steps per batch size")
     p.add_argument("--split", type=int, default=64, help="prefill SMs of the two-loop run")
+    p.add_argument("--max-model-len", type=int, default=4096,
+                   help="the engines' context: it sets the decode attention's split bound (16 at 64 rows for 4096, "
+                        "17 for 8192 and more), on which the step's time depends (decode_graph_factors.py)")
     return p.parse_args()
 
 
@@ -171,9 +174,9 @@ def mixed_run(llm: LLM, ceil: dict[str, float], arrivals: int = 6) -> dict[str, 
     return out
 
 
-def two_loop_run(model: str, split: int, n_steps: int) -> dict[str, Any]:
+def two_loop_run(model: str, split: int, n_steps: int, max_model_len: int) -> dict[str, Any]:
     """static:split on green contexts: 64 sequences decode while 2048-token prompts prefill beside them."""
-    with LLM(model, policy=f"static:{split}", step_log=True, max_model_len=4096) as llm:
+    with LLM(model, policy=f"static:{split}", step_log=True, max_model_len=max_model_len) as llm:
         vocab = llm.core.runner.config.vocab_size
         llm.generate(prompts(4, 64, vocab, 1), greedy(4))  # warm-up
         before = len(llm.core.step_records())
@@ -201,21 +204,22 @@ def main() -> int:
         print("engine_overhead needs a CUDA GPU", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    res: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "versions": software_versions(), "model": args.model}
+    res: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "versions": software_versions(), "model": args.model,
+                           "max_model_len": args.max_model_len}
     res["ceilings"] = ceil = ceilings()
     torch.cuda.empty_cache()
-    with LLM(args.model, policy="chunked", step_log=True, max_model_len=4096) as llm:
+    with LLM(args.model, policy="chunked", step_log=True, max_model_len=args.max_model_len) as llm:
         res["capture"] = [str(r) for r in llm.core.graph_report]
         res["decode"] = decode_runs(llm, ceil, args.decode_steps)
         res["mixed"] = mixed_run(llm, ceil)
     torch.cuda.empty_cache()
-    res["two_loops"] = two_loop_run(args.model, args.split, args.decode_steps)
+    res["two_loops"] = two_loop_run(args.model, args.split, args.decode_steps, args.max_model_len)
     res["seconds"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine_overhead.json").write_text(json.dumps(res, indent=2, default=str))
 
-    table = Table(title=f"engine step costs on {res['gpu']}, {args.model} ({res['seconds']:.0f} s)")
+    table = Table(title=f"engine step costs on {res['gpu']}, {args.model}, max_model_len {args.max_model_len} ({res['seconds']:.0f} s)")
     for col in ("measurement", "result", "target"):
         table.add_column(col)
     for r in res["decode"]:

@@ -15,9 +15,7 @@ Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128, bf16, 1
 - rms_norm (+residual), apply_rope and store_kv against their PyTorch equivalents, timed as
   CUDA-graph replays because at decode sizes a launch costs more than the work.
 - decode attention 64 x 2048 on the whole GPU and on decode sides of 92 and 68 SMs (green contexts),
-  over tile / warp / stage / programs-per-SM configs: a side keeps fewer bytes in flight;
-- decode attention's default grid against the packed one (DecodeConfig.packed_grid) with block tables
-  as wide as an engine's max_model_len: the default grid's idle programs grow with the width.
+  over tile / warp / stage / programs-per-SM configs: a side keeps fewer bytes in flight.
 Every kernel is first compared with an fp32 PyTorch reference on the same inputs (relative L2
 error). Times are medians of triton.testing.do_bench. Writes kernels_bench.json and .md to --out.
 """
@@ -45,6 +43,9 @@ def _time(fn, graph: bool = False) -> float:
     """Median milliseconds; `graph` replays fn from a CUDA graph (no launch overhead)."""
     from triton.testing import do_bench, do_bench_cudagraph
     if graph:
+        # do_bench_cudagraph runs fn on a stream of its own: the inputs, made on the current stream,
+        # must be written first (a block table read while still being written: an illegal address).
+        torch.cuda.synchronize()
         return do_bench_cudagraph(fn, rep=50, return_mode="median")
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -53,10 +54,9 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def paged_kv(batch: int, ctx: int, gen: torch.Generator, width: int | None = None):
-    """Caches holding `batch` sequences of `ctx` tokens (tables `width` >= ctx tokens wide, default ctx)
-    on shuffled pages, and their block tables."""
-    blocks = batch * (width or ctx) // PAGE
+def paged_kv(batch: int, ctx: int, gen: torch.Generator):
+    """Caches holding `batch` sequences of `ctx` tokens on shuffled pages, and their block tables."""
+    blocks = batch * ctx // PAGE
     k_cache = torch.randn(blocks, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
     v_cache = torch.randn(blocks, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
     tables = torch.randperm(blocks, device="cuda", generator=gen).view(batch, blocks // batch).to(torch.int32)
@@ -129,7 +129,7 @@ def bench_decode_sides(batch: int, ctx: int, bandwidth: float, gen: torch.Genera
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
     ref = ref_attention(q[:, :, None], contiguous_kv(k_cache, tables), contiguous_kv(v_cache, tables))[:, :, 0]
-    configs = [DecodeConfig(), DecodeConfig(packed_grid=True)] + [
+    configs = [DecodeConfig()] + [
         DecodeConfig(n, w, st, p) for n, w, st, p in
         ((64, 4, 3, 4), (64, 4, 2, 8), (64, 4, 3, 8), (32, 4, 3, 8), (128, 8, 2, 4), (64, 8, 3, 6))]
     kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
@@ -146,32 +146,6 @@ def bench_decode_sides(batch: int, ctx: int, bandwidth: float, gen: torch.Genera
                 rows.append({"sms": sms, "config": asdict(cfg), "rel_err": err, "ms": ms,
                              "achieved_tb_s": kv_bytes / (ms * 1e-3) / 1e12,
                              "ms_hbm_floor": kv_bytes / bandwidth * 1e3})
-    return rows
-
-
-DECODE_GRID_CASES = ((64, 2048, 2048), (64, 2048, 4096), (64, 2068, 4096), (64, 2048, 16384), (16, 2048, 16384),
-                     (1, 2048, 16384), (256, 512, 4096))  # (batch, KV tokens, block-table width in tokens)
-
-
-def bench_decode_grid(bandwidth: float, gen: torch.Generator) -> list[dict]:
-    """Decode attention with the default grid (sequence, KV head, split bound: the bound grows with the
-    block tables' width, the engine's max_model_len, and splits a sequence does not use return at once)
-    against the packed grid (one program per working split), CUDA-graph replays on the whole GPU."""
-    from nexus_tune.engine.kernels import DecodeConfig, decode_attention
-
-    rows = []
-    for batch, ctx, width in DECODE_GRID_CASES:
-        k_cache, v_cache, tables = paged_kv(batch, ctx, gen, width)
-        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-        q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
-        runs = {name: (lambda cfg=cfg: decode_attention(q, k_cache, v_cache, tables, seq_lens, SCALE, config=cfg))
-                for name, cfg in (("default", DecodeConfig()), ("packed", DecodeConfig(packed_grid=True)))}
-        ms = {name: _time(run, graph=True) for name, run in runs.items()}
-        kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
-        rows.append({"batch": batch, "ctx": ctx, "table_tokens": width, "ms": ms,
-                     "rel_err": _rel_err(runs["packed"](), runs["default"]()),
-                     "ms_hbm_floor": kv_bytes / bandwidth * 1e3})
-        del k_cache, v_cache
     return rows
 
 
@@ -379,16 +353,10 @@ def to_markdown(res: dict) -> str:
                      f"{m['ms_hbm_floor']:.3f} | {m['ratio']:.2f}x ({m['ratio_one_kernel']:.2f}x) | "
                      f"{m['ms_prompt_only']:.3f} | {m['ms_decode_kernel']:.3f} |")
     lines += ["", "## Decode attention 64 x 2048 on split sides", "",
-              "| SMs | config (block_n, warps, stages, programs/SM, packed grid) | rel_err | ms | TB/s |", "|---|---|---|---|---|"]
+              "| SMs | config (block_n, warps, stages, programs/SM) | rel_err | ms | TB/s |", "|---|---|---|---|---|"]
     for d in res["decode_sides"]:
         lines.append(f"| {d['sms']} | {tuple(d['config'].values())} | {d['rel_err']:.1e} | {d['ms']:.3f} | "
                      f"{d['achieved_tb_s']:.2f} |")
-    lines += ["", "## Decode attention grids (CUDA-graph replay, whole GPU)", "",
-              "| batch x KV | table width | default grid ms | packed grid ms | HBM floor ms | rel_err packed vs default |",
-              "|---|---|---|---|---|---|"]
-    for d in res["decode_grid"]:
-        lines.append(f"| {d['batch']} x {d['ctx']} | {d['table_tokens']} | {d['ms']['default']:.3f} | "
-                     f"{d['ms']['packed']:.3f} | {d['ms_hbm_floor']:.3f} | {d['rel_err']:.1e} |")
     lines += ["", "## Small kernels (CUDA-graph replay)", "", "| case | rel_err | ms | torch ms |", "|---|---|---|---|"]
     for s in res["small"]:
         lines.append(f"| {s['case']} | {s['rel_err']:.1e} | {s['ms']:.4f} | {s['ms_torch']:.4f} |")
@@ -423,10 +391,6 @@ def print_summary(res: dict) -> None:
         best = min(rows, key=lambda d: d["ms"])
         table.add_row(f"decode 64 x 2048 on {sms} SMs", f"{best['rel_err']:.1e}", f"{best['ms']:.3f}",
                       f"{rows[0]['ms']:.3f} default", f"best {tuple(best['config'].values())}")
-    for d in res["decode_grid"]:
-        table.add_row(f"decode {d['batch']} x {d['ctx']}, tables of {d['table_tokens']}", f"{d['rel_err']:.1e}",
-                      f"{d['ms']['packed']:.3f} packed", f"{d['ms']['default']:.3f} default grid",
-                      f"floor {d['ms_hbm_floor']:.3f}")
     Console().print(table)
 
 
@@ -452,10 +416,9 @@ def main(argv: list[str] | None = None) -> int:
            "prefill": [bench_prefill(2048, 0, configs, gen), bench_prefill(2048, 6144, configs, gen)],
            "mixed": [bench_mixed(512, 64, 2048, bandwidth, gen), bench_mixed(256, 6, 16384, bandwidth, gen)],
            "decode_sides": bench_decode_sides(64, 2048, bandwidth, gen),
-           "decode_grid": bench_decode_grid(bandwidth, gen),
            "small": [bench_rms_norm(2048, 4096, gen), bench_rms_norm(64, 4096, gen), bench_rope(2048, gen),
                      bench_rope(64, gen), bench_store_kv(2048, gen), bench_store_kv(64, gen)]}
-    errors = [d["rel_err"] for d in res["decode"] + res["small"] + res["decode_sides"] + res["mixed"] + res["decode_grid"]]
+    errors = [d["rel_err"] for d in res["decode"] + res["small"] + res["decode_sides"] + res["mixed"]]
     errors += [c["rel_err"] for p in res["prefill"] for c in p["configs"] if "rel_err" in c]
     default_ran = all("rel_err" in p["configs"][0] for p in res["prefill"])  # configs[0] is the default
     res["all_correct"] = default_ran and max(errors) < REL_TOL

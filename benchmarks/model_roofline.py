@@ -204,18 +204,18 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), OTHER_KIND)
 
 
-def decode_breakdown(runner: ModelRunner, step: DecodeInput, stream: Any, steps: int = 3
+def decode_breakdown(runner: ModelRunner, step: DecodeInput, stream: Any, steps: int = 3, key: Any = None
                      ) -> tuple[dict[str, float], dict[str, float]]:
-    """ms per decode step by kernel kind, summed over the kernels of eager steps (torch.profiler):
-    where the graph's time goes (the graph adds no kernels, only removes the launch gaps); and the
-    five costliest kernels of no known kind, by name."""
+    """ms per decode step by kernel kind, summed over the kernels of eager steps (torch.profiler), or
+    of replays of the graph under `key`: where the graph's time goes (the graph adds no kernels, only
+    removes the launch gaps); and the five costliest kernels of no known kind, by name."""
     from torch.profiler import ProfilerActivity, profile
     with torch.cuda.stream(stream):
-        runner.decode(step)
+        runner.decode(step, key)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                runner.decode(step)
+                runner.decode(step, key)
             torch.cuda.synchronize()
     out: dict[str, float] = {}
     other: dict[str, float] = {}

@@ -15,8 +15,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
@@ -106,10 +104,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
     (3, 3, 16, 4, [33, 64, 65], 2, None),              # no GQA, odd head count, 16 pages per tile
     (8, 2, 32, 16, [620, 3, 0, 20, 64, 1], 16, None),  # one long sequence: many splits; the rest one each
     (8, 2, 32, 16, [620, 3, 0, 130], None, DecodeConfig(block_n=32, num_stages=3, programs_per_sm=8)),
-    # The packed grid: one program per working split, found by a prefix sum over the batch.
-    (8, 2, 32, 16, [1, 17, 600, 0, 130], None, DecodeConfig(packed_grid=True)),
-    (8, 2, 32, 16, [620, 3, 0, 20, 64, 1], 16, DecodeConfig(packed_grid=True, programs_per_sm=1)),
-    (14, 2, 64, 16, [5, 300, 77], 4, DecodeConfig(block_n=32, packed_grid=True)),
+    (8, 2, 32, 16, [620, 3, 0, 20, 64, 1], 16, DecodeConfig(programs_per_sm=1)),  # one program per head
 ])
 def test_decode_attention(q_heads, kv_heads, head_dim, block_size, seq_lens, num_splits, config, dtype):
     gen = _gen(1)
@@ -126,8 +121,7 @@ def test_decode_attention(q_heads, kv_heads, head_dim, block_size, seq_lens, num
         assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], n, scale)[0], dtype)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_decode_attention_tickets_serve_many_launches_and_end_zero(packed):
+def test_decode_attention_tickets_serve_many_launches_and_end_zero():
     """One ticket buffer serves every layer of a step: each launch's last split merges and resets its
     counters, so a second launch on the same buffer (other inputs) is as right as the first."""
     gen = _gen(9)
@@ -137,7 +131,7 @@ def test_decode_attention_tickets_serve_many_launches_and_end_zero(packed):
     for _ in range(2):
         q = _randn(gen, len(seq_lens), 8, 32)
         out = decode_attention(q, k_cache, v_cache, tables, lens, 32 ** -0.5, num_splits=16, tickets=tickets,
-                               config=DecodeConfig(packed_grid=packed, programs_per_sm=1))
+                               config=DecodeConfig(programs_per_sm=1))
         for b, n in enumerate(seq_lens):
             assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], n, 32 ** -0.5)[0],
                          torch.float32)
@@ -146,8 +140,7 @@ def test_decode_attention_tickets_serve_many_launches_and_end_zero(packed):
         decode_attention(q, k_cache, v_cache, tables, lens, 0.1, tickets=tickets[:4])
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_decode_attention_attends_only_the_counted_rows_into_out(packed):
+def test_decode_attention_attends_only_the_counted_rows_into_out():
     """With `num_rows` (a count on the device) and `out`, rows past the count are left as they were:
     the decode rows of a mixed step write their part of the prefill output and nothing else."""
     gen = _gen(8)
@@ -157,7 +150,7 @@ def test_decode_attention_attends_only_the_counted_rows_into_out(packed):
     out = torch.full_like(q, 7.0)
     result = decode_attention(q, k_cache, v_cache, tables, lens, 32 ** -0.5, out=out,
                               num_rows=torch.tensor([2], dtype=torch.int32, device=DEVICE),
-                              config=DecodeConfig(packed_grid=packed, programs_per_sm=1))
+                              config=DecodeConfig(programs_per_sm=1))
     assert result is out
     for b in range(2):
         assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], seq_lens[b], 32 ** -0.5)[0],
@@ -167,24 +160,6 @@ def test_decode_attention_attends_only_the_counted_rows_into_out(packed):
         decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_rows=torch.tensor([2], device=DEVICE))
     with pytest.raises(ValueError, match="out"):
         decode_attention(q, k_cache, v_cache, tables, lens, 0.1, out=out[:3])
-
-
-@settings(max_examples=12, deadline=None)
-@given(seq_lens=st.lists(st.integers(0, 400), min_size=1, max_size=8), programs_per_sm=st.integers(1, 6),
-       num_sms=st.integers(1, 16))
-def test_decode_attention_packed_grid_covers_every_split(seq_lens, programs_per_sm, num_sms):
-    """The packed grid's size is a bound from shapes (programs per head + batch): every split of any
-    batch gets a program, or its sequence is never merged (the output left as the poisoned allocator
-    filled it)."""
-    gen = _gen(len(seq_lens) + 31 * programs_per_sm + num_sms)
-    batch = len(seq_lens)
-    k_cache, v_cache, tables, lens = make_paged_kv(gen, seq_lens, 2, 32, 16, 26, torch.float32)
-    q = _randn(gen, batch, 4, 32)
-    _poison_allocator(batch * 4 * 32)
-    config = DecodeConfig(block_n=16, packed_grid=True, programs_per_sm=programs_per_sm)
-    out = decode_attention(q, k_cache, v_cache, tables, lens, 32 ** -0.5, num_sms=num_sms, config=config)
-    for b, n in enumerate(seq_lens):
-        assert_close(out[b], ref_attention(q[b:b + 1], k_cache, v_cache, tables[b], n, 32 ** -0.5)[0], torch.float32)
 
 
 def test_decode_split_bound_comes_from_shapes():

@@ -1,7 +1,6 @@
 """Paged decode attention, flash-decoding style: one query token per sequence.
 
-One kernel runs one program per (sequence, KV head, KV split) (with `DecodeConfig.packed_grid`, one per
-KV head and working split of the batch): it loads the query heads of that
+One kernel runs one program per (sequence, KV head, KV split): it loads the query heads of that
 KV head together (GQA grouping, so K/V are read once per KV head) and attends to its split of the
 sequence's KV. A sequence in one split writes its output directly. Otherwise each split writes its
 normalised partial output and log-sum-exp and takes a ticket (a counter per sequence and KV head);
@@ -46,13 +45,11 @@ class DecodeConfig:
     # (H200, 64 x 2048 KV: 8 instead of 4 took 0.212 -> 0.173 ms on 92 SMs, 0.218 -> 0.198 on 68,
     # 0.151 -> 0.151 on all 132; docs/performance.md).
     programs_per_sm: int = 8
-    # Grid of one program per working split (KV heads x a bound on the batch's splits, each program
-    # finds its sequence by a prefix sum of the splits per sequence) instead of (sequence, KV head,
-    # split bound), where the splits a sequence does not use return at once. Inside the engine the
-    # latter launches thousands of such idle programs per layer (64 rows, 4,096-token tables: 8,192
-    # programs, 1,024 working), which may be the 4% its decode graph loses to the roofline benchmark's
-    # (docs/performance.md). Not timed on a GPU yet: off until it is.
-    packed_grid: bool = False
+    # Registers per thread at most: 128 at 4 warps lets 4 programs share an SM. Left to itself the
+    # compiler took 108 or 153 depending on the launch's specialisation (split bound, strides), and at
+    # 153 only 3 fit: the H200 llama-3.1-8b decode step's attention took 4.76 instead of 4.33 ms
+    # whenever max_model_len set the bound to 5 or 16 (docs/performance.md, decode_graph_factors.py).
+    max_registers: int = 128
 
 
 DEFAULT_DECODE = DecodeConfig()
@@ -76,13 +73,13 @@ def _num_splits(lens, total, num_splits, programs_per_head):
 
 
 @triton.jit
-def _live_lens(seq_lens, batch, num_rows, BLOCK_B: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
-    """The batch's lengths [BLOCK_B] (0 past it, and past its first `num_rows` rows with HAS_NUM_ROWS) and their mask."""
+def _batch_kv(seq_lens, batch, num_rows, BLOCK_B: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
+    """The batch's KV tokens (of its first `num_rows` rows with HAS_NUM_ROWS)."""
     offs = tl.arange(0, BLOCK_B)
     live = offs < batch
     if HAS_NUM_ROWS:
         live = live & (offs < tl.load(num_rows))
-    return tl.load(seq_lens + offs, mask=live, other=0), live
+    return tl.sum(tl.load(seq_lens + offs, mask=live, other=0), 0)
 
 
 @triton.jit
@@ -93,42 +90,21 @@ def _split_len(seq_len, total, num_splits, programs_per_head, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _packed_split(lens, live, total, num_splits, programs_per_head, BLOCK_B: tl.constexpr):
-    """(sequence, split) of program (kv head, i) of the packed grid: the i-th of the batch's splits in
-    sequence order; sequence -1 past the last."""
-    parts = tl.where(live, _num_splits(lens, total, num_splits, programs_per_head), 0)
-    ends = tl.cumsum(parts, 0)
-    i = tl.program_id(1)
-    b = tl.sum((ends <= i).to(tl.int32), 0)
-    start = tl.sum(tl.where(tl.arange(0, BLOCK_B) == b, ends - parts, 0), 0)
-    return tl.where(i < tl.sum(parts, 0), b, -1), i - start
-
-
-@triton.jit
 def _split_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, out_ptr, tickets, qk_scale,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
                   num_splits, batch, num_rows, programs_per_head, kv_heads, GROUP: tl.constexpr,
                   BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, SPLITS_P2: tl.constexpr,
-                  HAS_NUM_ROWS: tl.constexpr, PACKED: tl.constexpr):
-    if not PACKED:
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
-        if HAS_NUM_ROWS:  # only the first rows, a count on the device
-            if b >= tl.load(num_rows):
-                return
-    lens, live = _live_lens(seq_lens, batch, num_rows, BLOCK_B, HAS_NUM_ROWS)
-    total = tl.sum(lens, 0)
-    if PACKED:
-        kv_head = tl.program_id(0)
-        b, split = _packed_split(lens, live, total, num_splits, programs_per_head, BLOCK_B)
-        if b < 0:
-            return  # past the batch's last split
-        seq_len = tl.sum(tl.where(tl.arange(0, BLOCK_B) == b, lens, 0), 0)
-    else:
-        seq_len = tl.load(seq_lens + b)
+                  HAS_NUM_ROWS: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if HAS_NUM_ROWS:  # only the first rows, a count on the device
+        if b >= tl.load(num_rows):
+            return
+    total = _batch_kv(seq_lens, batch, num_rows, BLOCK_B, HAS_NUM_ROWS)
+    seq_len = tl.load(seq_lens + b)
     # Split length in whole tiles: only a split's last tile can be partial.
     split_len = _split_len(seq_len, total, num_splits, programs_per_head, BLOCK_N)
     if (split > 0) & (split * split_len >= seq_len):
@@ -241,11 +217,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # Working programs per KV head: the batch's KV tokens are shared out among this many splits.
     programs_per_head = max(1, config.programs_per_sm * sms // kv_heads)
     rows = seq_lens if num_rows is None else num_rows  # without a count: a pointer never read
-    # Packed: a sequence takes at most its length over the share plus one split, so the batch at most
-    # programs_per_head + batch of them (the share is at least the batch's KV over programs_per_head).
-    grid = ((kv_heads, min(programs_per_head + batch, batch * num_splits)) if config.packed_grid
-            else (batch, kv_heads, num_splits))
-    _split_kernel[grid](
+    _split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part, out, tickets, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
@@ -253,6 +225,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         programs_per_head, kv_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=config.block_n, PAGE=page, DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_B=triton.next_power_of_2(batch), SPLITS_P2=triton.next_power_of_2(num_splits),
-        HAS_NUM_ROWS=num_rows is not None, PACKED=config.packed_grid, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        HAS_NUM_ROWS=num_rows is not None, num_warps=config.num_warps,
+        num_stages=config.num_stages, maxnreg=config.max_registers)
     return out
