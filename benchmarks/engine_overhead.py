@@ -56,8 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=40, help="decode steps per batch size")
     p.add_argument("--split", type=int, default=64, help="prefill SMs of the two-loop run")
     p.add_argument("--max-model-len", type=int, default=4096,
-                   help="the engines' context: it sets the decode attention's split bound (16 at 64 rows for 4096, "
-                        "17 for 8192 and more), on which the step's time depends (decode_graph_factors.py)")
+                   help="the engines' context; it sets the block tables' width and the decode attention's split "
+                        "bound (decode_graph_factors.py times the decode graph across it)")
     return p.parse_args()
 
 
