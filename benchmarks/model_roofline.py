@@ -71,9 +71,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk tokens")
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="the runner's context (default: --kv or --chunk + 16). It sets the block tables' width, "
-                        "which bounds the decode attention's grid: an engine's (4096 and more) launches more "
-                        "idle splits than this benchmark's default")
+                   help="the runner's context (default: --kv or --chunk + 16). It sets the block tables' width "
+                        "and the decode attention's split bound, as an engine's does (decode_graph_factors.py)")
     return p.parse_args()
 
 

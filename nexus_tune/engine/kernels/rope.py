@@ -84,12 +84,12 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
     store = k_cache is not None
     if store:
         check_store_kv(k, v, k_cache, v_cache, slot_mapping)
+    else:  # the KV write's arguments: never read with STORE_KV off
+        v, k_cache, v_cache, slot_mapping = k, k, k, positions
     if tokens > 0:
         _rope_kernel[(tokens,)](
-            q, k, v if store else k, positions, cos_sin_cache, k_cache if store else k, v_cache if store else k,
-            slot_mapping if store else positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0) if store else 0, v.stride(1) if store else 0, cos_sin_cache.stride(0),
-            k_cache.stride(0) if store else 0, k_cache.stride(1) if store else 0, k_cache.stride(2) if store else 0,
+            q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0), *k_cache.stride()[:3],
             Q_HEADS=q_heads, KV_HEADS=k.shape[1], BLOCK_QH=triton.next_power_of_2(q_heads),
             BLOCK_KH=triton.next_power_of_2(k.shape[1]), HALF=head_dim // 2,
             PAGE=k_cache.shape[1] if store else 1, STORE_KV=store, num_warps=4)
